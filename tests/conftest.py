@@ -1,0 +1,34 @@
+import os
+import tempfile
+
+import pytest
+import torch
+
+# Keep converted weights out of the user's cache unless the caller chose a folder.
+os.environ.setdefault("XLLM_CACHE_DIR", os.path.join(tempfile.gettempdir(), "xllm-test-cache"))
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> str:
+    from xllm.models.loader.resolve import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_gguf):
+    """transformers' own reading of the same GGUF: (tokenizer, float32 model). The reference."""
+    transformers = pytest.importorskip("transformers")
+    folder, name = os.path.split(smollm2_gguf)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    return tokenizer, model
+
+
+@pytest.fixture(scope="session")
+def smollm2_llm():
+    """Our engine on the default model, float32, default settings."""
+    from xllm import LLM
+
+    return LLM(dtype="float32", kv_cache_memory_gib=0.5)

@@ -1,0 +1,94 @@
+import math
+
+import pytest
+import torch
+
+from xllm.layers.sampler import Sampler, apply_top_k_top_p
+from xllm.sampling_params import SamplingParams
+
+
+def direct_filter(logits: torch.Tensor, k: int, p: float) -> set[int]:
+    """The tokens top-k then top-p keep, computed the obvious way on one row."""
+    order = sorted(range(len(logits)), key=lambda i: -float(logits[i]))
+    if k > 0:
+        order = order[:k]
+    kept_logits = torch.tensor([float(logits[i]) for i in order])
+    probs = kept_logits.softmax(0).tolist()
+    kept, mass = [], 0.0
+    for i, pr in zip(order, probs):
+        if kept and mass >= p:
+            break
+        kept.append(i)
+        mass += pr
+    return set(kept)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_top_k_top_p_keep_exactly_the_right_tokens(seed):
+    g = torch.Generator().manual_seed(seed)
+    n, vocab = 6, 50
+    logits = torch.randn(n, vocab, generator=g) * 3
+    ks = [(-1 if i % 3 == 0 else int(torch.randint(1, vocab, (1,), generator=g))) for i in range(n)]
+    ps = [1.0 if i % 2 == 0 else float(torch.rand(1, generator=g) * 0.9 + 0.05) for i in range(n)]
+    top_k = torch.tensor([k if k > 0 else vocab for k in ks])
+    out = apply_top_k_top_p(logits, top_k, torch.tensor(ps))
+    for i in range(n):
+        kept = {j for j in range(vocab) if out[i, j] != float("-inf")}
+        assert kept == direct_filter(logits[i], ks[i], ps[i])
+        # Kept logits are unchanged.
+        for j in kept:
+            assert out[i, j] == logits[i, j]
+
+
+def test_top_p_keeps_at_least_one_token():
+    logits = torch.tensor([[10.0, 0.0, -1.0]])
+    out = apply_top_k_top_p(logits, None, torch.tensor([0.01]))
+    assert (out[0] != float("-inf")).tolist() == [True, False, False]
+
+
+def test_greedy_rows_take_the_argmax():
+    logits = torch.randn(4, 30)
+    params = [SamplingParams(temperature=0), SamplingParams(top_k=1), SamplingParams(temperature=0), SamplingParams(temperature=0)]
+    tokens = Sampler()(logits, params, [None] * 4)
+    assert tokens.tolist() == logits.argmax(-1).tolist()
+
+
+def test_seeded_draws_do_not_depend_on_the_rest_of_the_batch():
+    vocab = 100
+    target = torch.randn(1, vocab)
+    p = SamplingParams(temperature=1.0, seed=1234)
+
+    def draws(batch_logits, row, seeded_row_params):
+        gen = torch.Generator().manual_seed(1234)
+        sampler = Sampler(seed=99)
+        out = []
+        for _ in range(20):
+            params = [SamplingParams(temperature=0.8)] * batch_logits.shape[0]
+            params = params[:row] + [seeded_row_params] + params[row + 1 :]
+            gens = [None] * batch_logits.shape[0]
+            gens[row] = gen
+            out.append(int(sampler(batch_logits, params, gens)[row]))
+        return out
+
+    alone = draws(target, 0, p)
+    batched = draws(torch.cat([torch.randn(3, vocab), target, torch.randn(5, vocab)]), 3, p)
+    assert alone == batched
+    assert len(set(alone)) > 1  # it really sampled
+
+
+def test_sampled_frequencies_follow_the_filtered_distribution():
+    torch.manual_seed(0)
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -2.0, -3.0])
+    params = SamplingParams(temperature=0.7, top_k=5, top_p=0.9)
+    scaled = (logits / 0.7).unsqueeze(0)
+    filtered = apply_top_k_top_p(scaled, torch.tensor([5]), torch.tensor([0.9]))
+    expected = filtered.softmax(-1)[0]
+    sampler = Sampler(seed=5)
+    draws = 20000
+    batch = logits.unsqueeze(0).repeat(draws, 1)
+    tokens = sampler(batch, [params] * draws, [None] * draws)
+    counts = torch.bincount(tokens, minlength=8).double() / draws
+    for j in range(8):
+        sd = math.sqrt(float(expected[j]) * (1 - float(expected[j])) / draws)
+        assert abs(counts[j] - expected[j]) <= 5 * sd + 1e-9, (j, counts[j], expected[j])
+    assert counts[5:].sum() == 0  # filtered out by top-k

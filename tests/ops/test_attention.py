@@ -1,0 +1,86 @@
+import random
+
+import pytest
+import torch
+
+from xllm.ops.attention import (
+    AttentionMetadata,
+    build_decode_mask,
+    build_prefill,
+    paged_attention,
+    reference_attention,
+)
+
+
+def run_case(seed: int, heads: int, kv_heads: int, block_size: int, dtype=torch.float32):
+    """A mixed batch: fresh prefills, chunked prefills over cached context, and decodes."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    d = 16
+    num_blocks = 256
+    cache = torch.zeros(2, num_blocks, block_size, kv_heads, d, dtype=dtype)
+    free = list(range(num_blocks))
+    rng.shuffle(free)
+    seqs = []  # (total_len, new_len)
+    for _ in range(rng.randint(1, 6)):
+        kind = rng.choice(["fresh", "chunk", "decode"])
+        total = rng.randint(2, 40)
+        new = {"fresh": total, "chunk": rng.randint(2, total), "decode": 1}[kind]
+        if kind == "chunk" and new == total:
+            new = total - 1 if total > 2 else total
+        seqs.append((total, new))
+    full_q, full_k, full_v, tables = [], [], [], []
+    for total, new in seqs:
+        full_q.append(torch.randn(total, heads, d, dtype=dtype))
+        full_k.append(torch.randn(total, kv_heads, d, dtype=dtype))
+        full_v.append(torch.randn(total, kv_heads, d, dtype=dtype))
+        n_blocks = -(-total // block_size)
+        tables.append([free.pop() for _ in range(n_blocks)])
+    # Earlier context goes into the cache directly.
+    for (total, new), k, v, table in zip(seqs, full_k, full_v, tables):
+        for p in range(total - new):
+            cache[0, table[p // block_size], p % block_size] = k[p]
+            cache[1, table[p // block_size], p % block_size] = v[p]
+    q_rows, k_rows, v_rows, slots, prefills = [], [], [], [], []
+    decode_rows, decode_lens, decode_tables = [], [], []
+    row = 0
+    for (total, new), q, k, v, table in zip(seqs, full_q, full_k, full_v, tables):
+        start = total - new
+        q_rows.append(q[start:]), k_rows.append(k[start:]), v_rows.append(v[start:])
+        slots += [table[p // block_size] * block_size + p % block_size for p in range(start, total)]
+        if new == 1:
+            decode_rows.append(row), decode_lens.append(total), decode_tables.append(table)
+        else:
+            prefills.append(build_prefill(row, new, start, torch.tensor(table)))
+        row += new
+    width = max([len(t) for t in decode_tables], default=1)
+    table_t = torch.zeros(len(decode_tables), width, dtype=torch.long)
+    for i, t in enumerate(decode_tables):
+        table_t[i, : len(t)] = torch.tensor(t)
+    md = AttentionMetadata(
+        slot_mapping=torch.tensor(slots),
+        prefills=prefills,
+        decode_rows=torch.tensor(decode_rows, dtype=torch.long),
+        decode_block_tables=table_t,
+        decode_mask=build_decode_mask(torch.tensor(decode_lens), width, block_size, torch.float32) if decode_rows else None,
+        block_size=block_size,
+    )
+    scale = d**-0.5
+    out = paged_attention(torch.cat(q_rows), torch.cat(k_rows), torch.cat(v_rows), cache, md, scale)
+    row = 0
+    for (total, new), q, k, v in zip(seqs, full_q, full_k, full_v):
+        expected = reference_attention(q, k, v, scale)[total - new :]
+        torch.testing.assert_close(out[row : row + new], expected, atol=2e-5 if dtype == torch.float32 else 2e-2, rtol=1e-3)
+        row += new
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (8, 1)])
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_paged_attention_matches_dense_reference(seed, heads, kv_heads, block_size):
+    run_case(seed, heads, kv_heads, block_size)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_paged_attention_bfloat16(seed):
+    run_case(seed, 6, 2, 8, dtype=torch.bfloat16)

@@ -1,0 +1,106 @@
+"""Frozen configuration, one dataclass per area, composed into `EngineConfig`.
+
+Each component receives only its own part. `EngineConfig.create(**kwargs)` is the one place where
+user-facing keyword arguments (from `LLM(...)` or the CLI) become configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype | None:
+    """`None` means "auto": the model's own dtype (float32 for a quantized GGUF)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype: unknown value {dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What the user asked for: which model, in which precision, how long a context."""
+
+    model: str | None = None  # path to a GGUF file or HF folder; None = the default model
+    dtype: str = "auto"
+    max_model_len: int | None = None  # None = the model's own context length
+    tokenizer: str | None = None  # override; by default the model's own
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    # Memory for the KV cache, in GiB; ignored when num_blocks is given.
+    kv_cache_memory_gib: float = 2.0
+    num_blocks: int | None = None
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 2048  # the per-step token budget
+    max_num_seqs: int = 64  # bound on running sequences
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    seed: int = 0
+    num_threads: int | None = None  # torch intra-op threads; None = torch's default
+
+    @classmethod
+    def create(cls, **kwargs) -> "EngineConfig":
+        """Build from flat keyword arguments, each routed to the dataclass that owns it."""
+        parts = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+        grouped: dict[str, dict] = {name: {} for name in parts}
+        top: dict = {}
+        owner = {f.name: name for name, klass in parts.items() for f in dataclasses.fields(klass)}
+        top_fields = {f.name for f in dataclasses.fields(cls)} - set(parts)
+        for key, value in kwargs.items():
+            if key in owner:
+                grouped[owner[key]][key] = value
+            elif key in top_fields:
+                top[key] = value
+            else:
+                raise TypeError(f"unknown engine argument {key!r}")
+        return cls(**{name: parts[name](**grouped[name]) for name in parts}, **top)
+
+
+def default_cache_dir() -> str:
+    """Where converted weights are kept: $XLLM_CACHE_DIR, else $XDG_CACHE_HOME/xllm, else ~/.cache/xllm."""
+    if os.environ.get("XLLM_CACHE_DIR"):
+        return os.environ["XLLM_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "xllm")

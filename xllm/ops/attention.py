@@ -1,0 +1,113 @@
+"""Paged attention, torch reference (the CPU path).
+
+KV cache of one layer: `kv_cache` [2, num_blocks, block_size, Hkv, D] (K then V). A token at
+absolute position p of a sequence lives in block `block_table[p // block_size]`, offset
+`p % block_size`; its flat slot is `block * block_size + offset`.
+
+One step's batch mixes sequences that bring several new tokens (prefill chunks) and sequences that
+bring one (decodes). New tokens are laid out back to back: `q` is [T, H*D].
+  - prefill chunks run one by one: the chunk's queries attend every earlier token of the sequence
+    (read from the cache) and causally among themselves;
+  - decodes run as one batched attention over their gathered block tables, padding masked out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSeq:
+    q_start: int  # first row of this sequence's tokens in the step's [T, ...] layout
+    q_len: int
+    context_len: int  # tokens already in the cache before this step
+    block_ids: torch.Tensor  # [num_blocks_for(context_len + q_len)] long
+    mask: torch.Tensor | None  # [q_len, context_len + q_len] bool (True = attend); None if context_len == 0
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] long: cache slot for each new token
+    prefills: list[PrefillSeq]
+    decode_rows: torch.Tensor  # [Bd] long: row of each decode token in [T, ...]
+    decode_block_tables: torch.Tensor  # [Bd, max_blocks] long (padded with block 0)
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, max_blocks * block_size] float additive (0 / -inf)
+    block_size: int
+
+
+def build_prefill(q_start: int, q_len: int, context_len: int, block_ids: torch.Tensor) -> PrefillSeq:
+    mask = None
+    if context_len > 0:
+        q_pos = torch.arange(context_len, context_len + q_len).unsqueeze(1)
+        k_pos = torch.arange(context_len + q_len).unsqueeze(0)
+        mask = k_pos <= q_pos
+    return PrefillSeq(q_start, q_len, context_len, block_ids, mask)
+
+
+def build_decode_mask(seq_lens: torch.Tensor, max_blocks: int, block_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """seq_lens: [Bd] tokens in cache including the new one -> additive mask [Bd, 1, 1, max_blocks*block_size]."""
+    k_pos = torch.arange(max_blocks * block_size).unsqueeze(0)
+    mask = torch.zeros(seq_lens.shape[0], max_blocks * block_size, dtype=dtype)
+    mask.masked_fill_(k_pos >= seq_lens.unsqueeze(1), float("-inf"))
+    return mask.view(seq_lens.shape[0], 1, 1, -1)
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """k, v: [T, Hkv, D] -> their slots in the cache."""
+    _, num_blocks, block_size, hkv, d = kv_cache.shape
+    kv_cache[0].view(num_blocks * block_size, hkv, d).index_copy_(0, slot_mapping, k)
+    kv_cache[1].view(num_blocks * block_size, hkv, d).index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, H, D]
+    k: torch.Tensor,  # [T, Hkv, D] (new tokens)
+    v: torch.Tensor,  # [T, Hkv, D]
+    kv_cache: torch.Tensor,
+    md: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Write the new K/V into the cache, then attend; returns [T, H, D]."""
+    write_kv(kv_cache, k, v, md.slot_mapping)
+    out = torch.empty_like(q)
+    _, _, block_size, hkv, d = kv_cache.shape
+    for seq in md.prefills:
+        rows = slice(seq.q_start, seq.q_start + seq.q_len)
+        qs = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
+        if seq.context_len == 0:
+            ks, vs = k[rows], v[rows]
+        else:
+            kv_len = seq.context_len + seq.q_len
+            ks = kv_cache[0, seq.block_ids].reshape(-1, hkv, d)[:kv_len]
+            vs = kv_cache[1, seq.block_ids].reshape(-1, hkv, d)[:kv_len]
+        ks = ks.transpose(0, 1).unsqueeze(0)  # [1, Hkv, kv_len, D]
+        vs = vs.transpose(0, 1).unsqueeze(0)
+        o = F.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=seq.mask, is_causal=seq.mask is None, scale=scale, enable_gqa=True
+        )
+        out[rows] = o.squeeze(0).transpose(0, 1)
+    if md.decode_rows.numel():
+        bd = md.decode_rows.shape[0]
+        qd = q[md.decode_rows].unsqueeze(2)  # [Bd, H, 1, D]
+        # [Bd, max_blocks, block_size, Hkv, D] -> [Bd, Hkv, max_blocks*block_size, D]
+        kd = kv_cache[0, md.decode_block_tables].view(bd, -1, hkv, d).transpose(1, 2)
+        vd = kv_cache[1, md.decode_block_tables].view(bd, -1, hkv, d).transpose(1, 2)
+        mask = md.decode_mask.to(q.dtype)
+        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[md.decode_rows] = o.squeeze(2)
+    return out
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Dense causal attention of one whole sequence: q [L, H, D], k/v [L, Hkv, D] -> [L, H, D]. For tests."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * scale
+    L = q.shape[0]
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v.float()).to(q.dtype)

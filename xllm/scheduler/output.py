@@ -1,0 +1,39 @@
+"""The typed hand-offs between scheduler and model runner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from xllm.sampling_params import SamplingParams
+
+
+@dataclass
+class ScheduledRequest:
+    request_id: str
+    token_ids: list[int]  # the tokens to compute this step (a prompt chunk, or the last sampled token)
+    start_pos: int  # position of token_ids[0] in the sequence (= tokens already in the KV cache)
+    block_ids: list[int]  # the request's KV blocks, covering start_pos + len(token_ids) tokens
+    sample: bool  # True when this step reaches the end of the known tokens, so a next token is sampled
+    params: SamplingParams
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class RunnerOutput:
+    sampled_token_ids: dict[str, int] = field(default_factory=dict)

@@ -1,0 +1,64 @@
+"""A request as the scheduler sees it: tokens known, tokens computed, and when to stop."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from xllm.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    # Token ids that end the request: the model's EOS ids (unless ignore_eos) plus params.stop_token_ids.
+    stop_token_ids: frozenset[int]
+    # Hard cap on generated tokens: max_tokens, clipped so prompt + output fits max_model_len.
+    max_output_tokens: int
+    generator: torch.Generator | None = None
+    prompt: str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None
+    num_preemptions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def tokens_to_compute(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    def finish(self, reason: str) -> None:
+        self.status = RequestStatus.FINISHED
+        self.finish_reason = reason
+
+    def check_stop(self) -> bool:
+        """After a token was appended: decide whether the request is done, and why."""
+        last = self.output_token_ids[-1]
+        if last in self.stop_token_ids:
+            self.finish("stop")
+        elif len(self.output_token_ids) >= self.max_output_tokens:
+            self.finish("length")
+        return self.finished

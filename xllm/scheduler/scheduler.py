@@ -1,0 +1,157 @@
+"""The scheduler: which tokens of which requests run in the next step.
+
+It schedules tokens, not phases. Every request has `num_computed_tokens` catching up with
+`num_tokens` (prompt + output so far); a step gives each chosen request up to its remaining count,
+clipped by the per-step token budget. A long prompt is therefore split over several steps
+(chunked prefill) while running decodes keep getting their one token per step. Running requests
+are served first, in arrival order; waiting ones fill what is left of the budget.
+
+When the KV cache runs out of blocks, the most recently admitted running request is preempted:
+its blocks are freed and it goes back to the front of the waiting queue with
+`num_computed_tokens = 0`, to be recomputed (prompt and the outputs it already has) later.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from xllm.config import SchedulerConfig
+from xllm.kv.manager import KVCacheManager
+from xllm.scheduler.output import RunnerOutput, ScheduledRequest, SchedulerOutput
+from xllm.scheduler.request import Request, RequestStatus
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+        self._ended_while_scheduling: list[Request] = []
+
+    # ---- queue management -------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def abort(self, request_id: str) -> Request | None:
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.finish("abort")
+        self._release(request)
+        return request
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def _release(self, request: Request) -> None:
+        self.kv.free(request.request_id)
+        self.requests.pop(request.request_id, None)
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request.request_id)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    # ---- one step -------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        chosen: list[tuple[Request, int]] = []
+
+        # 1. Running requests, oldest first: decodes and unfinished prompt chunks.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.tokens_to_compute(), budget)
+            if num_new <= 0:
+                i += 1
+                continue
+            while not self.kv.allocate_slots(request.request_id, request.num_computed_tokens + num_new):
+                victim = self.running.pop()  # the newest request gives way
+                if victim is request and not self.running:
+                    # Alone and still out of blocks: it can never grow; end it rather than loop.
+                    request.finish("length")
+                    self._release(request)
+                    self._ended_while_scheduling.append(request)
+                    out.preempted_ids.append(request.request_id)
+                    break
+                self._preempt(victim)
+                out.preempted_ids.append(victim.request_id)
+                if victim is request:
+                    break
+            else:
+                chosen.append((request, num_new))
+                budget -= num_new
+                i += 1
+                continue
+            # `request` itself was preempted or ended; it is no longer in running[i].
+
+        # 2. Waiting requests, in order, while budget, sequence slots and blocks last.
+        # After a preemption nothing new is admitted this step (memory is short).
+        while self.waiting and budget > 0 and not out.preempted_ids and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            remaining = request.tokens_to_compute()
+            num_new = min(remaining, budget)
+            if num_new < remaining and not self.config.enable_chunked_prefill:
+                break
+            if not self.kv.allocate_slots(request.request_id, request.num_computed_tokens + num_new):
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            chosen.append((request, num_new))
+            budget -= num_new
+
+        for request, num_new in chosen:
+            start = request.num_computed_tokens
+            out.scheduled.append(
+                ScheduledRequest(
+                    request_id=request.request_id,
+                    token_ids=request.all_token_ids[start : start + num_new],
+                    start_pos=start,
+                    block_ids=list(self.kv.block_ids(request.request_id)),
+                    sample=start + num_new == request.num_tokens,
+                    params=request.params,
+                    generator=request.generator,
+                )
+            )
+        return out
+
+    def update(self, out: SchedulerOutput, result: RunnerOutput) -> list[Request]:
+        """Record a finished step; return the requests that got a new token (finished ones included)."""
+        changed, self._ended_while_scheduling = self._ended_while_scheduling, []
+        for item in out.scheduled:
+            request = self.requests.get(item.request_id)
+            if request is None or request.finished:
+                continue  # aborted while the step ran
+            request.num_computed_tokens += len(item.token_ids)
+            token = result.sampled_token_ids.get(item.request_id)
+            if token is None:
+                continue
+            request.output_token_ids.append(token)
+            if request.check_stop():
+                self.running.remove(request)
+                self._release(request)
+            changed.append(request)
+        return changed
