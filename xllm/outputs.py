@@ -6,11 +6,31 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class Logprob:
+    logprob: float  # natural log of the token's probability under the model (raw logits, before sampling filters)
+    rank: int  # 1 = the most likely token
+    decoded_token: str | None = None
+
+
+# One position: token id -> Logprob, holding the chosen token and the top alternatives.
+PositionLogprobs = dict[int, Logprob]
+
+
+@dataclass
 class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
     finish_reason: str | None = None  # "stop", "length", "abort" or None while running
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+    logprobs: list[PositionLogprobs] | None = None
+    # Text and tokens added since this request's previous output (for streaming).
+    delta_text: str = ""
+    delta_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
 
 @dataclass
@@ -20,5 +40,10 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
-    # Text produced since the previous output of this request (for streaming).
-    delta_text: str = ""
+    # prompt_logprobs[i] is for prompt token i given the ones before it (None for the first).
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
+
+    @property
+    def delta_text(self) -> str:
+        """New text of a single-sample request since its previous output."""
+        return "".join(o.delta_text for o in self.outputs)

@@ -3,8 +3,13 @@ import math
 import pytest
 import torch
 
-from xllm.layers.sampler import Sampler, apply_top_k_top_p
+from xllm.layers.sampler import Sampler, apply_min_p, apply_penalties, apply_top_k_top_p, gather_logprobs
 from xllm.sampling_params import SamplingParams
+from xllm.scheduler.output import SamplingContext
+
+
+def ctx(params, generator=None, prompt=(), output=(), stop=frozenset()):
+    return SamplingContext(params, generator, list(prompt), list(output), frozenset(stop))
 
 
 def direct_filter(logits: torch.Tensor, k: int, p: float) -> set[int]:
@@ -49,7 +54,7 @@ def test_top_p_keeps_at_least_one_token():
 def test_greedy_rows_take_the_argmax():
     logits = torch.randn(4, 30)
     params = [SamplingParams(temperature=0), SamplingParams(top_k=1), SamplingParams(temperature=0), SamplingParams(temperature=0)]
-    tokens = Sampler()(logits, params, [None] * 4)
+    tokens, _ = Sampler()(logits, [ctx(p) for p in params])
     assert tokens.tolist() == logits.argmax(-1).tolist()
 
 
@@ -67,7 +72,7 @@ def test_seeded_draws_do_not_depend_on_the_rest_of_the_batch():
             params = params[:row] + [seeded_row_params] + params[row + 1 :]
             gens = [None] * batch_logits.shape[0]
             gens[row] = gen
-            out.append(int(sampler(batch_logits, params, gens)[row]))
+            out.append(int(sampler(batch_logits, [ctx(p, g) for p, g in zip(params, gens)])[0][row]))
         return out
 
     alone = draws(target, 0, p)
@@ -86,9 +91,72 @@ def test_sampled_frequencies_follow_the_filtered_distribution():
     sampler = Sampler(seed=5)
     draws = 20000
     batch = logits.unsqueeze(0).repeat(draws, 1)
-    tokens = sampler(batch, [params] * draws, [None] * draws)
+    tokens, _ = sampler(batch, [ctx(params)] * draws)
     counts = torch.bincount(tokens, minlength=8).double() / draws
     for j in range(8):
         sd = math.sqrt(float(expected[j]) * (1 - float(expected[j])) / draws)
         assert abs(counts[j] - expected[j]) <= 5 * sd + 1e-9, (j, counts[j], expected[j])
     assert counts[5:].sum() == 0  # filtered out by top-k
+
+
+def test_penalties_match_a_direct_computation():
+    torch.manual_seed(1)
+    vocab = 12
+    logits = torch.randn(3, vocab) * 2
+    prompts = [[1, 2, 2], [], [5]]
+    outputs = [[2, 3, 3, 3], [0, 0, 7], []]
+    rep, freq, pres = [1.3, 1.0, 0.7], [0.0, 0.5, -0.4], [0.25, 1.0, 0.0]
+    got = apply_penalties(logits.clone(), prompts, outputs, torch.tensor(rep), torch.tensor(freq), torch.tensor(pres))
+    for i in range(3):
+        for t in range(vocab):
+            x = float(logits[i, t])
+            if t in prompts[i] or t in outputs[i]:
+                x = x / rep[i] if x > 0 else x * rep[i]
+            count = outputs[i].count(t)
+            x -= freq[i] * count + pres[i] * (count > 0)
+            assert abs(float(got[i, t]) - x) < 1e-5, (i, t)
+
+
+def test_logit_bias_and_min_tokens_steer_greedy_choice():
+    logits = torch.tensor([[5.0, 1.0, 0.0, 4.0]])
+    sampler = Sampler()
+    tok, _ = sampler(logits.clone(), [ctx(SamplingParams(temperature=0, logit_bias={2: 10.0}))])
+    assert tok.tolist() == [2]
+    # Token 0 is a stop token: masked until min_tokens outputs exist.
+    p = SamplingParams(temperature=0, min_tokens=2)
+    tok, _ = sampler(logits.clone(), [ctx(p, output=[3], stop={0})])
+    assert tok.tolist() == [3]
+    tok, _ = sampler(logits.clone(), [ctx(p, output=[3, 3], stop={0})])
+    assert tok.tolist() == [0]
+
+
+def test_repetition_penalty_changes_greedy_choice():
+    logits = torch.tensor([[3.0, 2.5, 0.0]])
+    p = SamplingParams(temperature=0, repetition_penalty=1.5)
+    tok, _ = Sampler()(logits.clone(), [ctx(p, prompt=[0])])
+    assert tok.tolist() == [1]  # 3.0 / 1.5 = 2.0 < 2.5
+
+
+def test_min_p_drops_unlikely_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    out = apply_min_p(logits, torch.tensor([0.2]))  # keep p >= 0.1
+    assert (out[0] != float("-inf")).tolist() == [True, True, True, False]
+
+
+def test_logprobs_are_raw_log_softmax_with_ranks_and_top_k():
+    torch.manual_seed(3)
+    logits = torch.randn(2, 9)
+    targets = torch.tensor([4, 0])
+    entries = gather_logprobs(logits, targets, k=3)
+    lsm = logits.log_softmax(-1)
+    for i, e in enumerate(entries):
+        assert e.token_ids[0] == int(targets[i])
+        assert abs(e.logprobs[0] - float(lsm[i, targets[i]])) < 1e-6
+        assert e.ranks[0] == int((lsm[i] > lsm[i, targets[i]]).sum()) + 1
+        assert e.token_ids[1:] == lsm[i].topk(3).indices.tolist() and e.ranks[1:] == [1, 2, 3]
+    # The sampler reports logprobs of the raw distribution even when penalties changed the choice.
+    logits = torch.tensor([[3.0, 2.5, 0.0]])
+    p = SamplingParams(temperature=0, repetition_penalty=1.5, logprobs=1)
+    tok, lps = Sampler()(logits.clone(), [ctx(p, prompt=[0])])
+    assert tok.tolist() == [1] and lps[0].token_ids == [1, 0] and lps[0].ranks == [2, 1]
+    assert abs(lps[0].logprobs[0] - float(logits.log_softmax(-1)[0, 1])) < 1e-6

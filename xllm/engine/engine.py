@@ -1,14 +1,18 @@
 """The engine: request lifecycle around one scheduler, one KV manager and one model runner.
 
 `add_request` validates and tokenizes; `step` runs one scheduler step through the runner and
-returns what changed, detokenized incrementally. Bad input raises `ValueError` before any state
-changes, so the engine stays usable for the next request.
+returns what changed, detokenized incrementally, with stop strings applied. Bad input raises
+`ValueError` before any state changes, so the engine stays usable for the next request.
+
+A request with n > 1 becomes n scheduler requests ("samples"); samples 1..n-1 reuse the KV
+blocks of sample 0's prompt. The engine gathers them back into one `RequestOutput`.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+from dataclasses import dataclass, field
 
 import torch
 
@@ -16,14 +20,38 @@ from xllm.config import EngineConfig
 from xllm.engine.detokenizer import IncrementalDetokenizer
 from xllm.kv.manager import KVCacheManager
 from xllm.models.loader import load_model
-from xllm.outputs import CompletionOutput, RequestOutput
+from xllm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from xllm.sampling_params import SamplingParams
-from xllm.scheduler.output import RunnerOutput
+from xllm.scheduler.output import RunnerOutput, TokenLogprobs
 from xllm.scheduler.request import Request
 from xllm.scheduler.scheduler import Scheduler
 from xllm.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Sample:
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    logprobs: list[PositionLogprobs] = field(default_factory=list)  # converted so far
+    sent_tokens: int = 0
+
+
+@dataclass
+class _Group:
+    """One user request: its prompt and its n samples."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    samples: list[_Sample]
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.request.finished for s in self.samples)
 
 
 class LLMEngine:
@@ -49,7 +77,9 @@ class LLMEngine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
         self._ids = itertools.count()
-        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._groups: dict[str, _Group] = {}
+        self._sample_group: dict[str, tuple[_Group, int]] = {}  # scheduler request id -> (group, index)
+        self._token_text: dict[int, str] = {}
 
     # ---- requests -------------------------------------------------------------------------
     def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
@@ -91,54 +121,124 @@ class LLMEngine:
         token_ids = self.tokenize_prompt(prompt)
         self.validate_prompt_length(len(token_ids))
         request_id = request_id if request_id is not None else str(next(self._ids))
-        if request_id in self.scheduler.requests:
+        sample_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
+        if request_id in self._groups or any(s in self.scheduler.requests for s in sample_ids):
             raise ValueError(f"request id {request_id!r} is already in use")
         stop = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop |= self.eos_token_ids
         room = self.max_model_len - len(token_ids)
-        request = Request(
-            request_id=request_id,
-            prompt_token_ids=token_ids,
-            params=params,
-            stop_token_ids=frozenset(stop),
-            max_output_tokens=min(params.max_tokens or room, room),
-            generator=torch.Generator().manual_seed(params.seed) if params.seed is not None else None,
-            prompt=prompt if isinstance(prompt, str) else None,
-        )
-        self.scheduler.add(request)
-        self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+        group = _Group(request_id, prompt if isinstance(prompt, str) else None, token_ids, params, [])
+        for i, sample_id in enumerate(sample_ids):
+            sample_params = params if params.n == 1 else params.for_sample(i)
+            if i > 0:
+                sample_params.prompt_logprobs = None  # sample 0 reports them for the group
+            request = Request(
+                request_id=sample_id,
+                prompt_token_ids=token_ids,
+                params=sample_params,
+                stop_token_ids=frozenset(stop),
+                max_output_tokens=min(params.max_tokens or room, room),
+                generator=torch.Generator().manual_seed(sample_params.seed) if sample_params.seed is not None else None,
+                share_prompt_with=sample_ids[0] if i > 0 else None,
+            )
+            detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop, params.include_stop_str_in_output)
+            group.samples.append(_Sample(request, detok))
+            self._sample_group[sample_id] = (group, i)
+        self._groups[request_id] = group
+        for sample in group.samples:
+            self.scheduler.add(sample.request)
         return request_id
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        request = self.scheduler.abort(request_id)
-        if request is None:
+        group = self._groups.get(request_id)
+        if group is None:
             return None
-        return self._output(request)
+        for sample in group.samples:
+            if not sample.request.finished:
+                self.scheduler.abort(sample.request.request_id)
+        return self._output(group)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return bool(self._groups)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._groups)
 
     # ---- the loop -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()
         result = self.runner.execute(scheduled) if not scheduled.is_empty else RunnerOutput()
-        return [self._output(r) for r in self.scheduler.update(scheduled, result)]
+        changed: dict[str, _Group] = {}
+        for request in self.scheduler.update(scheduled, result):
+            group, index = self._sample_group[request.request_id]
+            sample = group.samples[index]
+            check = len(request.output_token_ids) >= request.params.min_tokens
+            stop = sample.detokenizer.update(request.output_token_ids, finished=request.finished, check_stop=check)
+            if stop is not None and not request.finished:
+                self.scheduler.finish_request(request.request_id, "stop", stop)
+            changed[group.request_id] = group
+        for item in scheduled.scheduled:  # prompt logprobs arrive with prompt chunks, before any token
+            if item.request_id in result.prompt_logprobs and item.request_id in self._sample_group:
+                group = self._sample_group[item.request_id][0]
+                changed[group.request_id] = group
+        return [self._output(g) for g in changed.values()]
 
-    def _output(self, request: Request) -> RequestOutput:
-        detok = self._detokenizers[request.request_id]
-        delta = detok.update(request.output_token_ids, finished=request.finished)
-        if request.finished:
-            del self._detokenizers[request.request_id]
-        completion = CompletionOutput(
-            index=0, text=detok.text, token_ids=list(request.output_token_ids), finish_reason=request.finish_reason
-        )
+    # ---- outputs --------------------------------------------------------------------------
+    def _token_str(self, token_id: int) -> str | None:
+        if self.tokenizer is None:
+            return None
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+    def _position_logprobs(self, entry: TokenLogprobs) -> PositionLogprobs:
+        return {
+            tid: Logprob(lp, rank, self._token_str(tid))
+            for tid, lp, rank in zip(entry.token_ids, entry.logprobs, entry.ranks)
+        }
+
+    def _output(self, group: _Group) -> RequestOutput:
+        completions = []
+        for index, sample in enumerate(group.samples):
+            request = sample.request
+            finished = request.finished
+            delta = sample.detokenizer.take_delta(finished)
+            if group.params.logprobs is not None:
+                for entry in request.logprobs[len(sample.logprobs) :]:
+                    sample.logprobs.append(self._position_logprobs(entry))
+            tokens = request.output_token_ids
+            completions.append(
+                CompletionOutput(
+                    index=index,
+                    text=sample.detokenizer.visible_text,
+                    token_ids=list(tokens),
+                    finish_reason=request.finish_reason,
+                    stop_reason=request.stop_reason,
+                    logprobs=list(sample.logprobs) if group.params.logprobs is not None else None,
+                    delta_text=delta,
+                    delta_token_ids=tokens[sample.sent_tokens :],
+                )
+            )
+            sample.sent_tokens = len(tokens)
+        if group.params.prompt_logprobs is not None:
+            lead = group.samples[0].request
+            have = 0 if group.prompt_logprobs is None else len(group.prompt_logprobs) - 1
+            group.prompt_logprobs = (group.prompt_logprobs or [None]) + [
+                self._position_logprobs(e) for e in lead.prompt_logprobs[have:]
+            ]
+        finished = group.finished
+        if finished:
+            del self._groups[group.request_id]
+            for sample in group.samples:
+                self._sample_group.pop(sample.request.request_id, None)
         return RequestOutput(
-            request_id=request.request_id,
-            prompt=request.prompt,
-            prompt_token_ids=request.prompt_token_ids,
-            outputs=[completion],
-            finished=request.finished,
-            delta_text=delta,
+            request_id=group.request_id,
+            prompt=group.prompt,
+            prompt_token_ids=group.prompt_token_ids,
+            outputs=completions,
+            finished=finished,
+            prompt_logprobs=group.prompt_logprobs,
         )
-

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from xllm.config import DTYPE_CHOICES
+from xllm.entrypoints.cli_models import add_convert_parser, add_models_parser
 from xllm.logger import configure_logging
 
 
@@ -60,7 +61,13 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); higher = more random")
     g.add_argument("--top-k", type=int, default=-1, help="sample only among the k most likely tokens (-1 = off)")
     g.add_argument("--top-p", type=float, default=1.0, help="sample only among the most likely tokens holding this much probability (1 = off)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens less likely than this fraction of the top token (0 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="penalize tokens already in prompt or output (> 1 discourages repeats; 1 = off)")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="subtract this from the logit of every token already generated (-2..2)")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="subtract this times the token's count so far in the output (-2..2)")
     g.add_argument("--sample-seed", type=int, default=None, help="seed of this request's sampling, for reproducible text")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="a string that ends generation, not printed (repeatable)")
+    g.add_argument("--min-tokens", type=int, default=0, help="generate at least this many tokens before any stop applies")
     g.add_argument("--stop-token-ids", type=int, nargs="*", default=[], help="token ids that end generation")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
 
@@ -73,7 +80,13 @@ def sampling_params(args: argparse.Namespace):
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
         seed=args.sample_seed,
+        stop=args.stop,
+        min_tokens=args.min_tokens,
         stop_token_ids=args.stop_token_ids,
         ignore_eos=args.ignore_eos,
     )
@@ -128,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(gen)
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
+    add_models_parser(sub)
+    add_convert_parser(sub)
     return parser
 
 

@@ -47,3 +47,16 @@ class KVCacheManager:
 
     def usage(self) -> float:
         return self.pool.usage()
+
+    def share_prefix(self, src_id: str, dst_id: str, num_tokens: int) -> int:
+        """Give `dst_id` the full blocks of `src_id` covering its first `num_tokens` tokens (shared, not copied).
+
+        Returns how many tokens the shared blocks cover. `dst_id` must hold no blocks yet. Shared blocks
+        are read-only by construction: both requests only write positions past them.
+        """
+        if self._blocks.get(dst_id):
+            raise ValueError(f"request {dst_id!r} already holds blocks")
+        blocks = self._blocks.get(src_id, [])[: num_tokens // self.block_size]
+        self.pool.incref(blocks)
+        self._blocks[dst_id] = list(blocks)
+        return len(blocks) * self.block_size

@@ -1,15 +1,19 @@
-"""From logits to next tokens: temperature, top-k, top-p, greedy, per-request seeded draws.
+"""From logits to next tokens.
 
-Sampling uses the exponential race: argmax(p / E) with E ~ Exp(1) i.i.d. picks token i with
-probability p_i. Each seeded request draws its E from its own generator, exactly once per sampled
-token, so its text does not depend on what else is in the batch.
+Order, as in vLLM: logit_bias, min_tokens (stop tokens masked), repetition / frequency / presence
+penalties -> greedy rows take the argmax; the others: temperature, min_p, top-k, top-p, then the
+exponential race argmax(p / E) with E ~ Exp(1) i.i.d., which picks token i with probability p_i.
+Each seeded request draws its E from its own generator, exactly once per sampled token, so its
+text does not depend on what else is in the batch.
+
+Reported logprobs are those of the raw model distribution (before any of the above).
 """
 
 from __future__ import annotations
 
 import torch
 
-from xllm.sampling_params import SamplingParams
+from xllm.scheduler.output import SamplingContext, TokenLogprobs
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
@@ -36,34 +40,126 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: t
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p x the top token's. min_p: [N]."""
+    probs = logits.softmax(dim=-1)
+    keep = probs >= min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def apply_penalties(
+    logits: torch.Tensor,  # [N, V]
+    prompt_ids: list[list[int]],
+    output_ids: list[list[int]],
+    repetition: torch.Tensor,  # [N]
+    frequency: torch.Tensor,  # [N]
+    presence: torch.Tensor,  # [N]
+) -> torch.Tensor:
+    """vLLM's penalties. Repetition: every token seen in prompt or output has its logit divided by
+    the penalty if positive, multiplied if negative. Frequency: minus penalty x count in the output.
+    Presence: minus penalty once for each token present in the output."""
+    n, vocab = logits.shape
+    counts = torch.zeros(n, vocab, dtype=logits.dtype)
+    seen = torch.zeros(n, vocab, dtype=torch.bool)
+    for i in range(n):
+        if output_ids[i]:
+            out = torch.tensor(output_ids[i], dtype=torch.long)
+            counts[i].index_add_(0, out, torch.ones(len(out), dtype=logits.dtype))
+        if prompt_ids[i]:
+            seen[i, torch.tensor(prompt_ids[i], dtype=torch.long)] = True
+    seen |= counts > 0
+    rep = repetition.unsqueeze(1)
+    penalized = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalized, logits)
+    return logits - frequency.unsqueeze(1) * counts - presence.unsqueeze(1) * (counts > 0).to(logits.dtype)
+
+
+def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, k: int) -> list[TokenLogprobs]:
+    """logits: [M, V] float32; targets: [M] -> for each row the target's logprob and rank, plus the top k."""
+    logprobs = logits.log_softmax(dim=-1)
+    target_lp = logprobs.gather(1, targets.unsqueeze(1))
+    ranks = (logprobs > target_lp).sum(dim=-1) + 1
+    entries = []
+    if k > 0:
+        top_lp, top_ids = logprobs.topk(k, dim=-1)
+        top_ranks = list(range(1, k + 1))
+    for i in range(logits.shape[0]):
+        ids, lps, rks = [int(targets[i])], [float(target_lp[i])], [int(ranks[i])]
+        if k > 0:
+            ids += top_ids[i].tolist()
+            lps += top_lp[i].tolist()
+            rks += top_ranks
+        entries.append(TokenLogprobs(ids, lps, rks))
+    return entries
+
+
 class Sampler:
     def __init__(self, seed: int = 0):
         # Draws for requests without a seed of their own.
         self.generator = torch.Generator().manual_seed(seed)
 
+    def process_logits(self, logits: torch.Tensor, contexts: list[SamplingContext]) -> torch.Tensor:
+        """Apply logit_bias, min_tokens and penalties (the argmax-changing processors); [N, V] -> [N, V]."""
+        params = [c.params for c in contexts]
+        for i, (c, p) in enumerate(zip(contexts, params)):
+            if p.logit_bias:
+                ids = torch.tensor(list(p.logit_bias), dtype=torch.long)
+                valid = ids < logits.shape[1]
+                logits[i, ids[valid]] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype)[valid]
+            if len(c.output_token_ids) < p.min_tokens and c.stop_token_ids:
+                stop = [t for t in c.stop_token_ids if t < logits.shape[1]]
+                logits[i, stop] = float("-inf")
+        rows = [i for i, p in enumerate(params) if p.has_penalties]
+        if rows:
+            sub = apply_penalties(
+                logits[rows],
+                [contexts[i].prompt_token_ids if params[i].repetition_penalty != 1.0 else [] for i in rows],
+                [contexts[i].output_token_ids for i in rows],
+                torch.tensor([params[i].repetition_penalty for i in rows]),
+                torch.tensor([params[i].frequency_penalty for i in rows]),
+                torch.tensor([params[i].presence_penalty for i in rows]),
+            )
+            logits[rows] = sub
+        return logits
+
     def __call__(
-        self,
-        logits: torch.Tensor,  # [N, V] float32
-        params: list[SamplingParams],
-        generators: list[torch.Generator | None],
-    ) -> torch.Tensor:
-        """Returns [N] long token ids."""
+        self, logits: torch.Tensor, contexts: list[SamplingContext]
+    ) -> tuple[torch.Tensor, list[TokenLogprobs | None]]:
+        """logits: [N, V] float32 (raw). Returns [N] long token ids and, per row, logprobs if asked."""
+        params = [c.params for c in contexts]
+        raw = logits
+        if any(p.logit_bias or p.min_tokens or p.has_penalties for p in params):
+            logits = self.process_logits(logits.clone(), contexts)
+        tokens = self._sample(logits, contexts)
+        logprobs: list[TokenLogprobs | None] = [None] * len(params)
+        rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if rows:
+            k = max(params[i].logprobs for i in rows)
+            for i, entry in zip(rows, gather_logprobs(raw[rows], tokens[rows], k)):
+                keep = params[i].logprobs + 1
+                logprobs[i] = TokenLogprobs(entry.token_ids[:keep], entry.logprobs[:keep], entry.ranks[:keep])
+        return tokens, logprobs
+
+    def _sample(self, logits: torch.Tensor, contexts: list[SamplingContext]) -> torch.Tensor:
+        params = [c.params for c in contexts]
         greedy_rows = [p.greedy for p in params]
         argmax = logits.argmax(dim=-1)
         if all(greedy_rows):
             return argmax
         n, vocab = logits.shape
         temperature = torch.tensor([p.temperature if not g else 1.0 for p, g in zip(params, greedy_rows)])
+        logits = logits / temperature.unsqueeze(1)
+        if any(p.min_p > 0 for p in params):
+            logits = apply_min_p(logits, torch.tensor([p.min_p for p in params], dtype=torch.float32))
         top_k = top_p = None
         if any(p.top_k > 0 for p in params):
             top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params])
         if any(p.top_p < 1.0 for p in params):
             top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
-        scaled = logits / temperature.unsqueeze(1)
-        probs = apply_top_k_top_p(scaled, top_k, top_p).softmax(dim=-1)
+        probs = apply_top_k_top_p(logits, top_k, top_p).softmax(dim=-1)
         noise = torch.ones_like(probs)
         for i in range(n):
             if not greedy_rows[i]:
-                noise[i].exponential_(generator=generators[i] or self.generator)
+                noise[i].exponential_(generator=contexts[i].generator or self.generator)
         sampled = (probs / noise).argmax(dim=-1)
         return torch.where(torch.tensor(greedy_rows), argmax, sampled)

@@ -10,14 +10,25 @@ from xllm.sampling_params import SamplingParams
 
 
 @dataclass
+class SamplingContext:
+    """What the sampler needs to know about one request. The lists are the request's own (live)."""
+
+    params: SamplingParams
+    generator: torch.Generator | None
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    stop_token_ids: frozenset[int]  # masked while fewer than params.min_tokens tokens exist
+
+
+@dataclass
 class ScheduledRequest:
     request_id: str
     token_ids: list[int]  # the tokens to compute this step (a prompt chunk, or the last sampled token)
     start_pos: int  # position of token_ids[0] in the sequence (= tokens already in the KV cache)
     block_ids: list[int]  # the request's KV blocks, covering start_pos + len(token_ids) tokens
     sample: bool  # True when this step reaches the end of the known tokens, so a next token is sampled
-    params: SamplingParams
-    generator: torch.Generator | None = None
+    sampling: SamplingContext
+    want_prompt_logprobs: bool = False  # this chunk's prompt positions need logprobs
 
 
 @dataclass
@@ -35,5 +46,17 @@ class SchedulerOutput:
 
 
 @dataclass
+class TokenLogprobs:
+    """Log-probabilities at one position: the chosen (or actual) token first, then the top-k."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    ranks: list[int]
+
+
+@dataclass
 class RunnerOutput:
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # request id -> (index of the first prompt token covered, one entry per covered prompt token)
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)

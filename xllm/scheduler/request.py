@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from xllm.sampling_params import SamplingParams
+from xllm.scheduler.output import SamplingContext, TokenLogprobs
 
 
 class RequestStatus(enum.Enum):
@@ -27,13 +28,23 @@ class Request:
     # Hard cap on generated tokens: max_tokens, clipped so prompt + output fits max_model_len.
     max_output_tokens: int
     generator: torch.Generator | None = None
-    prompt: str | None = None
+    # A sibling (sample 0 of the same n > 1 request) whose prompt KV blocks this one reuses.
+    share_prompt_with: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
+    stop_reason: str | int | None = None
     num_preemptions: int = 0
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # prompt_logprobs[i] is for prompt token i + 1 (the first prompt token has none).
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.sampling = SamplingContext(
+            self.params, self.generator, self.prompt_token_ids, self.output_token_ids, self.stop_token_ids
+        )
 
     @property
     def num_tokens(self) -> int:
@@ -50,15 +61,22 @@ class Request:
     def tokens_to_compute(self) -> int:
         return self.num_tokens - self.num_computed_tokens
 
-    def finish(self, reason: str) -> None:
+    def finish(self, reason: str, stop_reason: str | int | None = None) -> None:
         self.status = RequestStatus.FINISHED
         self.finish_reason = reason
+        self.stop_reason = stop_reason
 
     def check_stop(self) -> bool:
         """After a token was appended: decide whether the request is done, and why."""
         last = self.output_token_ids[-1]
-        if last in self.stop_token_ids:
-            self.finish("stop")
+        if last in self.stop_token_ids and len(self.output_token_ids) >= self.params.min_tokens:
+            self.finish("stop", last if last in self.params.stop_token_ids else None)
         elif len(self.output_token_ids) >= self.max_output_tokens:
             self.finish("length")
         return self.finished
+
+    def add_prompt_logprobs(self, first_index: int, entries: list[TokenLogprobs]) -> None:
+        """Record prompt logprobs for prompt tokens first_index...; a recomputed chunk adds nothing new."""
+        have = len(self.prompt_logprobs) + 1  # index of the next prompt token we lack
+        if first_index <= have:
+            self.prompt_logprobs.extend(entries[have - first_index :])

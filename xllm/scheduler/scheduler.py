@@ -38,7 +38,8 @@ class Scheduler:
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
-    def abort(self, request_id: str) -> Request | None:
+    def finish_request(self, request_id: str, reason: str, stop_reason: str | int | None = None) -> Request | None:
+        """End a request from outside a step (abort, a stop string): drop it from its queue, free its blocks."""
         request = self.requests.get(request_id)
         if request is None:
             return None
@@ -46,9 +47,12 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-        request.finish("abort")
+        request.finish(reason, stop_reason)
         self._release(request)
         return request
+
+    def abort(self, request_id: str) -> Request | None:
+        return self.finish_request(request_id, "abort")
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -111,6 +115,8 @@ class Scheduler:
         # After a preemption nothing new is admitted this step (memory is short).
         while self.waiting and budget > 0 and not out.preempted_ids and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if request.share_prompt_with is not None and not self._share_prompt(request):
+                break  # its sibling is still computing the prompt; take it next step
             remaining = request.tokens_to_compute()
             num_new = min(remaining, budget)
             if num_new < remaining and not self.config.enable_chunked_prefill:
@@ -125,6 +131,7 @@ class Scheduler:
 
         for request, num_new in chosen:
             start = request.num_computed_tokens
+            prompt_len = len(request.prompt_token_ids)
             out.scheduled.append(
                 ScheduledRequest(
                     request_id=request.request_id,
@@ -132,11 +139,32 @@ class Scheduler:
                     start_pos=start,
                     block_ids=list(self.kv.block_ids(request.request_id)),
                     sample=start + num_new == request.num_tokens,
-                    params=request.params,
-                    generator=request.generator,
+                    sampling=request.sampling,
+                    want_prompt_logprobs=request.params.prompt_logprobs is not None
+                    and start < prompt_len - 1
+                    and len(request.prompt_logprobs) < prompt_len - 1,
                 )
             )
         return out
+
+    def _share_prompt(self, request: Request) -> bool:
+        """Before admitting sample i > 0 of an n > 1 request: reuse sample 0's prompt blocks.
+
+        Returns False while sample 0 is still computing its prompt (wait for it). All full blocks
+        but the one holding the last prompt token are shared; the rest is recomputed, so this
+        sample computes its own last-position logits.
+        """
+        leader = self.requests.get(request.share_prompt_with)
+        prompt_len = len(request.prompt_token_ids)
+        if leader is not None and not leader.finished and leader.num_computed_tokens < prompt_len:
+            return False
+        request.share_prompt_with = None
+        if leader is not None and leader.status is RequestStatus.RUNNING:
+            bs = self.kv.block_size
+            request.num_computed_tokens = self.kv.share_prefix(
+                leader.request_id, request.request_id, (prompt_len - 1) // bs * bs
+            )
+        return True
 
     def update(self, out: SchedulerOutput, result: RunnerOutput) -> list[Request]:
         """Record a finished step; return the requests that got a new token (finished ones included)."""
@@ -146,10 +174,14 @@ class Scheduler:
             if request is None or request.finished:
                 continue  # aborted while the step ran
             request.num_computed_tokens += len(item.token_ids)
+            if item.request_id in result.prompt_logprobs:
+                request.add_prompt_logprobs(*result.prompt_logprobs[item.request_id])
             token = result.sampled_token_ids.get(item.request_id)
             if token is None:
                 continue
             request.output_token_ids.append(token)
+            if item.request_id in result.logprobs:
+                request.logprobs.append(result.logprobs[item.request_id])
             if request.check_stop():
                 self.running.remove(request)
                 self._release(request)

@@ -13,7 +13,7 @@ import torch
 
 from xllm.config import CacheConfig
 from xllm.layers.forward_context import forward_context
-from xllm.layers.sampler import Sampler
+from xllm.layers.sampler import Sampler, gather_logprobs
 from xllm.models.arch_config import ArchConfig
 from xllm.ops.attention import AttentionMetadata, build_decode_mask, build_prefill
 from xllm.scheduler.output import RunnerOutput, SchedulerOutput
@@ -101,12 +101,33 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> RunnerOutput:
         hidden, sample_rows = self._forward(so)
+        out = RunnerOutput()
         sampling = [item for item in so.scheduled if item.sample]
-        if not sampling:
-            return RunnerOutput()
-        logits = self.model.compute_logits(hidden[sample_rows])
-        tokens = self.sampler(logits, [s.params for s in sampling], [s.generator for s in sampling])
-        return RunnerOutput(sampled_token_ids={s.request_id: int(t) for s, t in zip(sampling, tokens.tolist())})
+        if sampling:
+            logits = self.model.compute_logits(hidden[sample_rows])
+            tokens, logprobs = self.sampler(logits, [s.sampling for s in sampling])
+            for item, token, lp in zip(sampling, tokens.tolist(), logprobs):
+                out.sampled_token_ids[item.request_id] = token
+                if lp is not None:
+                    out.logprobs[item.request_id] = lp
+        row = 0
+        for item in so.scheduled:
+            if item.want_prompt_logprobs:
+                out.prompt_logprobs[item.request_id] = self._prompt_logprobs(item, hidden[row : row + len(item.token_ids)])
+            row += len(item.token_ids)
+        return out
+
+    def _prompt_logprobs(self, item, hidden: torch.Tensor, rows_per_slice: int = 256):
+        """Logprobs of the prompt tokens this chunk predicts: position p's logits score prompt token p + 1."""
+        prompt = item.sampling.prompt_token_ids
+        count = min(len(item.token_ids), len(prompt) - 1 - item.start_pos)
+        targets = torch.tensor(prompt[item.start_pos + 1 : item.start_pos + 1 + count], dtype=torch.long)
+        entries = []
+        for lo in range(0, count, rows_per_slice):  # bounded memory: [slice, vocab] logits at a time
+            hi = min(count, lo + rows_per_slice)
+            logits = self.model.compute_logits(hidden[lo:hi])
+            entries += gather_logprobs(logits, targets[lo:hi], item.sampling.params.prompt_logprobs)
+        return item.start_pos + 1, entries
 
     @torch.inference_mode()
     def execute_logits(self, so: SchedulerOutput) -> torch.Tensor:
