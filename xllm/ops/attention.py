@@ -90,14 +90,15 @@ def paged_attention(
         )
         out[rows] = o.squeeze(0).transpose(0, 1)
     if md.decode_rows.numel():
-        bd = md.decode_rows.shape[0]
-        qd = q[md.decode_rows].unsqueeze(2)  # [Bd, H, 1, D]
+        # One query per sequence: the G = H / Hkv query heads sharing a KV head are stacked as G query
+        # rows against that head's keys, so GQA needs no copy of K/V per query head.
+        bd, h = md.decode_rows.shape[0], q.shape[1]
+        qd = q[md.decode_rows].view(bd, hkv, h // hkv, d)  # head kvh * G + j -> [kvh, j]
         # [Bd, max_blocks, block_size, Hkv, D] -> [Bd, Hkv, max_blocks*block_size, D]
         kd = kv_cache[0, md.decode_block_tables].view(bd, -1, hkv, d).transpose(1, 2)
         vd = kv_cache[1, md.decode_block_tables].view(bd, -1, hkv, d).transpose(1, 2)
-        mask = md.decode_mask.to(q.dtype)
-        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[md.decode_rows] = o.squeeze(2)
+        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=md.decode_mask.to(q.dtype), scale=scale)
+        out[md.decode_rows] = o.reshape(bd, h, d)
     return out
 
 
