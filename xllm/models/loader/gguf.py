@@ -1,9 +1,9 @@
 """GGUF files: read, dequantize, and turn into a Hugging Face style folder.
 
 A GGUF is converted once into a folder (config.json, model.safetensors, tokenizer.json,
-tokenizer_config.json, generation_config.json) in the user cache, keyed by the file's sha256 and
-the dtype; every later load reads that folder through the ordinary HF loader, so dequantization
-is paid once. The same conversion backs `xllm convert --to-hf`.
+tokenizer_config.json, generation_config.json) in the user cache, keyed by the file's sha256, the
+dtype and CONVERSION_VERSION; every later load reads that folder through the ordinary HF loader,
+so dequantization is paid once. The same conversion backs `xllm convert --to-hf`.
 """
 
 from __future__ import annotations
@@ -47,6 +47,24 @@ _LAYER_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+# Token texts llama.cpp ends generation on (llama-vocab.cpp, "end-of-generation" tokens), besides the
+# GGUF's own eos/eot/eom ids. Qwen2.5 GGUFs name only <|im_end|> as eos, yet a raw completion ends
+# with <|endoftext|> (the original generation_config.json stops on both, and so does llama.cpp).
+EOG_TOKEN_TEXTS = (
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|eom_id|>",
+    "<EOT>",
+    "_<EOT>",
+    "<|end_of_text|>",
+)
+# Bumped whenever the folder written for a GGUF changes, so older cached conversions are not reused.
+# 2: generation_config.json lists every end-of-generation token (EOG_TOKEN_TEXTS).
+CONVERSION_VERSION = 2
+
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -118,6 +136,13 @@ def gguf_hf_config(reader) -> dict:
     return cfg
 
 
+def gguf_eog_token_ids(reader, tokenizer) -> list[int]:
+    """Every token that ends generation: the GGUF's eos, eot and eom ids, then llama.cpp's EOG texts."""
+    ids = [gguf_field(reader, f"tokenizer.ggml.{key}_token_id") for key in ("eos", "eot", "eom")]
+    ids += [tokenizer.token_to_id(text) for text in EOG_TOKEN_TEXTS]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
 def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's q/k row permutation (interleaved rope pairs -> HF's rotate-half halves).
 
@@ -185,7 +210,9 @@ def convert_gguf_to_hf(path: str, out_dir: str, dtype: torch.dtype = torch.float
         del weights
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2)
-        generation = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]}
+        eog = gguf_eog_token_ids(reader, tokenizer)
+        eos = (eog[0] if len(eog) == 1 else eog) if eog else cfg["eos_token_id"]
+        generation = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": eos}
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump(generation, f, indent=2)
         tokenizer.save(os.path.join(tmp, "tokenizer.json"))

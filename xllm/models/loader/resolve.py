@@ -1,6 +1,8 @@
 """From what the user typed (nothing, a name, a GGUF file, a folder) to a local HF-style folder.
 
-Nothing here downloads: a name resolves only to files already on this machine.
+Nothing here downloads: a name resolves only to files already on this machine. A catalog name
+(`xllm/models/catalog.py`, e.g. "qwen2.5-coder-0.5b", case-insensitive) resolves to the GGUF that
+`xllm models install NAME` put in the cache, or to an error that names that command.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import os
 import torch
 
 from xllm.config import default_cache_dir, dtype_name
+from xllm.models.catalog import CATALOG, find_model, installed_path, not_installed_message
 from xllm.models.loader.errors import ModelLoadError
-from xllm.models.loader.gguf import convert_gguf_to_hf
+from xllm.models.loader.gguf import CONVERSION_VERSION, convert_gguf_to_hf
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +48,8 @@ def file_sha256(path: str, chunk: int = 1 << 22) -> str:
 
 
 def gguf_cache_folder(path: str, dtype: torch.dtype, cache_dir: str | None = None) -> str:
-    return os.path.join(cache_dir or default_cache_dir(), "gguf", f"{file_sha256(path)[:24]}-{dtype_name(dtype)}")
+    name = f"{file_sha256(path)[:24]}-{dtype_name(dtype)}-v{CONVERSION_VERSION}"
+    return os.path.join(cache_dir or default_cache_dir(), "gguf", name)
 
 
 def ensure_gguf_converted(path: str, dtype: torch.dtype, cache_dir: str | None = None) -> str:
@@ -72,7 +76,14 @@ def resolve_model_source(model: str | None) -> tuple[str, str]:
         if len(ggufs) == 1:
             return "gguf", os.path.join(path, ggufs[0])
         raise ModelLoadError(f"{path} is neither a Hugging Face folder (no config.json) nor holds exactly one .gguf file")
+    entry = find_model(model)
+    if entry is not None:  # a catalog name: only ever a file that `xllm models install` put there
+        found = installed_path(entry)
+        if found is None:
+            raise ModelLoadError(not_installed_message(entry))
+        return "gguf", found
     raise ModelLoadError(
-        f"unknown model {model!r}: no such file or folder. Give a GGUF file or a Hugging Face folder "
-        f"(config.json + *.safetensors), or leave it out for the default {DEFAULT_MODEL}"
+        f"unknown model {model!r}: no such file or folder, and not a catalog name ({', '.join(CATALOG)}). "
+        f"Give a GGUF file or a Hugging Face folder (config.json + *.safetensors), a catalog name installed "
+        f"with `xllm models install NAME`, or leave it out for the default {DEFAULT_MODEL}"
     )
