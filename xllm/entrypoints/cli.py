@@ -7,6 +7,7 @@ import logging
 import sys
 
 from xllm.config import DTYPE_CHOICES
+from xllm.entrypoints.cli_bench import add_bench_parser
 from xllm.entrypoints.cli_models import add_convert_parser, add_models_parser
 from xllm.logger import configure_logging
 
@@ -143,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
     add_models_parser(sub)
     add_convert_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 

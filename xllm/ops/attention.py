@@ -81,8 +81,8 @@ def paged_attention(
             ks, vs = k[rows], v[rows]
         else:
             kv_len = seq.context_len + seq.q_len
-            ks = kv_cache[0, seq.block_ids].reshape(-1, hkv, d)[:kv_len]
-            vs = kv_cache[1, seq.block_ids].reshape(-1, hkv, d)[:kv_len]
+            ks = kv_cache[0].index_select(0, seq.block_ids).view(-1, hkv, d)[:kv_len]
+            vs = kv_cache[1].index_select(0, seq.block_ids).view(-1, hkv, d)[:kv_len]
         ks = ks.transpose(0, 1).unsqueeze(0)  # [1, Hkv, kv_len, D]
         vs = vs.transpose(0, 1).unsqueeze(0)
         o = F.scaled_dot_product_attention(
@@ -94,9 +94,11 @@ def paged_attention(
         # rows against that head's keys, so GQA needs no copy of K/V per query head.
         bd, h = md.decode_rows.shape[0], q.shape[1]
         qd = q[md.decode_rows].view(bd, hkv, h // hkv, d)  # head kvh * G + j -> [kvh, j]
-        # [Bd, max_blocks, block_size, Hkv, D] -> [Bd, Hkv, max_blocks*block_size, D]
-        kd = kv_cache[0, md.decode_block_tables].view(bd, -1, hkv, d).transpose(1, 2)
-        vd = kv_cache[1, md.decode_block_tables].view(bd, -1, hkv, d).transpose(1, 2)
+        # Gather blocks: [Bd * max_blocks, block_size, Hkv, D] -> [Bd, Hkv, max_blocks*block_size, D].
+        # index_select on the block dimension is several times faster than advanced indexing here.
+        table = md.decode_block_tables.flatten()
+        kd = kv_cache[0].index_select(0, table).view(bd, -1, hkv, d).transpose(1, 2)
+        vd = kv_cache[1].index_select(0, table).view(bd, -1, hkv, d).transpose(1, 2)
         o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=md.decode_mask.to(q.dtype), scale=scale)
         out[md.decode_rows] = o.reshape(bd, h, d)
     return out

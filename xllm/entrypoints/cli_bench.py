@@ -1,0 +1,33 @@
+"""`xllm bench ...`: the benchmark subcommands (`offline` now; `serve` will sit beside it)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _cmd_offline(args: argparse.Namespace) -> int:
+    """Run `xllm bench offline` (the benchmark's modules load only when it runs)."""
+    from xllm.bench.offline import cmd_offline
+
+    return cmd_offline(args)
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `bench` with its own subcommands to the `xllm` subparsers; return the `bench` parser."""
+    from xllm.bench.offline import __doc__ as offline_doc, add_offline_args
+
+    bench = subparsers.add_parser(
+        "bench",
+        help="benchmark the engine against its peers on this machine",
+        description="Benchmarks: each prints a table and writes a JSON file of every run.",
+    )
+    kinds = bench.add_subparsers(dest="bench_command", required=True)
+    offline = kinds.add_parser(
+        "offline",
+        help="batched offline throughput and batch-1 decode, against transformers, with rooflines",
+        description=offline_doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_offline_args(offline)
+    offline.set_defaults(func=_cmd_offline)
+    return bench
