@@ -7,11 +7,12 @@ correct greedy choice, so comparison stops at that position. Tests report how ma
 import pytest
 import torch
 
+from near_tie import compare, first_near_tie
+
 from xllm import LLM, SamplingParams
 
 pytestmark = pytest.mark.slow
 
-NEAR_TIE = 1e-3
 RAW_PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):",
@@ -47,27 +48,6 @@ MIXED_TEXTS = [
     "SELECT * FROM users WHERE",
     "Knock knock.",
 ]
-
-
-def first_near_tie(hf_model, prompt_ids: list[int], output_ids: list[int]) -> int:
-    """Index of the first generated position whose reference top-2 gap is < NEAR_TIE (len if none)."""
-    if not output_ids:
-        return 0
-    with torch.no_grad():
-        logits = hf_model(torch.tensor([prompt_ids + output_ids])).logits[0, len(prompt_ids) - 1 :].float()
-    top2 = logits.topk(2, dim=-1).values
-    gaps = (top2[:, 0] - top2[:, 1]).tolist()
-    for i, gap in enumerate(gaps[: len(output_ids)]):
-        if gap < NEAR_TIE:
-            return i
-    return len(output_ids)
-
-
-def compare(reference: list[int], ours: list[int], stop_at: int) -> bool:
-    """Equal up to the near-tie position; where there is none, fully equal."""
-    if stop_at >= len(reference):
-        return ours == reference
-    return ours[:stop_at] == reference[:stop_at]
 
 
 def test_greedy_matches_transformers_token_for_token(smollm2_llm, hf_smollm2):
