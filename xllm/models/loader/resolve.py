@@ -7,7 +7,6 @@ Nothing here downloads: a name resolves only to files already on this machine. A
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -15,7 +14,7 @@ import os
 import torch
 
 from xllm.config import default_cache_dir, dtype_name
-from xllm.models.catalog import CATALOG, find_model, installed_path, not_installed_message
+from xllm.models.catalog import CATALOG, find_model, installed_path, not_installed_message, sha256_file
 from xllm.models.loader.errors import ModelLoadError
 from xllm.models.loader.gguf import CONVERSION_VERSION, convert_gguf_to_hf
 
@@ -39,16 +38,8 @@ def default_model_path() -> str:
     return path
 
 
-def file_sha256(path: str, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def gguf_cache_folder(path: str, dtype: torch.dtype, cache_dir: str | None = None) -> str:
-    name = f"{file_sha256(path)[:24]}-{dtype_name(dtype)}-v{CONVERSION_VERSION}"
+    name = f"{sha256_file(path)[:24]}-{dtype_name(dtype)}-v{CONVERSION_VERSION}"
     return os.path.join(cache_dir or default_cache_dir(), "gguf", name)
 
 
