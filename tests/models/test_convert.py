@@ -6,28 +6,11 @@ import os
 import pytest
 import torch
 
+from samples import CONVERSATIONS, TEXTS
+
 from xllm.entrypoints.cli import main
 
 pytestmark = pytest.mark.slow
-
-TEXTS = [
-    "The capital of France is",
-    "Hello world 2018-01-22 12345 3.14159",
-    "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n",
-    "  leading spaces,\ttabs\n\nand blank lines  ",
-    "héllo wörld — 日本語のテキスト 🤖🚀 naïve café",
-    "def f(x):\n    return x**2  # square\n",
-]
-CONVERSATIONS = [
-    [{"role": "user", "content": "What is 2+2?"}],
-    [
-        {"role": "system", "content": "You are terse."},
-        {"role": "user", "content": "Name a color."},
-        {"role": "assistant", "content": "Blue."},
-        {"role": "user", "content": "Another?"},
-    ],
-]
-
 
 @pytest.fixture(scope="module")
 def converted(smollm2_gguf, tmp_path_factory):

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from samples import CONVERSATIONS, TEXTS
+
 from xllm.config import ModelConfig
 from xllm.engine.tokenizer import Tokenizer
 from xllm.models.loader import ModelLoadError, load_model
@@ -14,17 +16,6 @@ from xllm.models.loader import gguf as gguf_mod
 from xllm.models.loader import resolve
 from xllm.models.loader.gguf import _unpermute_rope, open_gguf
 from xllm.models.loader.gguf_tokenizer import build_gguf_tokenizer
-
-TEXTS = [
-    "The capital of France is",
-    "Hello world 2018-01-22 12345 3.14159",
-    "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n",
-    "  leading spaces,\ttabs\n\nand blank lines  ",
-    "héllo wörld — 日本語のテキスト 🤖🚀 naïve café",
-    "it's we'll I'M you'd THEY'RE",
-    "def f(x):\n    return x**2  # square\n",
-    "",
-]
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +35,7 @@ def test_tokenizer_matches_transformers(gguf_tokenizer, hf_smollm2):
 
 def test_chat_template_renders_like_transformers(gguf_tokenizer, hf_smollm2):
     hf_tok, _ = hf_smollm2
-    conversations = [
-        [{"role": "user", "content": "What is 2+2?"}],
-        [
-            {"role": "system", "content": "You are terse."},
-            {"role": "user", "content": "Name a color."},
-            {"role": "assistant", "content": "Blue."},
-            {"role": "user", "content": "Another?"},
-        ],
-    ]
-    for messages in conversations:
+    for messages in CONVERSATIONS:
         for gen in (True, False):
             ours = gguf_tokenizer.apply_chat_template(messages, add_generation_prompt=gen)
             theirs = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
