@@ -34,6 +34,15 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestMetrics:
+    """Times of one request's life, from time.monotonic() (sample 0's, for n > 1)."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt: str | None
@@ -42,6 +51,7 @@ class RequestOutput:
     finished: bool = False
     # prompt_logprobs[i] is for prompt token i given the ones before it (None for the first).
     prompt_logprobs: list[PositionLogprobs | None] | None = None
+    metrics: RequestMetrics | None = None
 
     @property
     def delta_text(self) -> str:

@@ -20,7 +20,7 @@ from xllm.config import EngineConfig
 from xllm.engine.detokenizer import IncrementalDetokenizer
 from xllm.kv.manager import KVCacheManager
 from xllm.models.loader import load_model
-from xllm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from xllm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
 from xllm.sampling_params import SamplingParams
 from xllm.scheduler.output import RunnerOutput, TokenLogprobs
 from xllm.scheduler.request import Request
@@ -114,7 +114,9 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        arrival_time: float | None = None,
     ) -> str:
+        """Queue a request; `arrival_time` (time.monotonic()) defaults to now."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError("sampling params must be a SamplingParams")
@@ -142,6 +144,8 @@ class LLMEngine:
                 generator=torch.Generator().manual_seed(sample_params.seed) if sample_params.seed is not None else None,
                 share_prompt_with=sample_ids[0] if i > 0 else None,
             )
+            if arrival_time is not None:
+                request.arrival_time = arrival_time
             detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop, params.include_stop_str_in_output)
             group.samples.append(_Sample(request, detok))
             self._sample_group[sample_id] = (group, i)
@@ -234,6 +238,7 @@ class LLMEngine:
             del self._groups[group.request_id]
             for sample in group.samples:
                 self._sample_group.pop(sample.request.request_id, None)
+        lead = group.samples[0].request
         return RequestOutput(
             request_id=group.request_id,
             prompt=group.prompt,
@@ -241,4 +246,5 @@ class LLMEngine:
             outputs=completions,
             finished=finished,
             prompt_logprobs=group.prompt_logprobs,
+            metrics=RequestMetrics(lead.arrival_time, lead.first_scheduled_time, lead.first_token_time),
         )

@@ -9,6 +9,7 @@ import sys
 from xllm.config import DTYPE_CHOICES
 from xllm.entrypoints.cli_bench import add_bench_parser
 from xllm.entrypoints.cli_models import add_convert_parser, add_models_parser
+from xllm.entrypoints.cli_serve import add_serve_parser
 from xllm.logger import configure_logging
 
 
@@ -142,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(gen)
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
+    add_serve_parser(sub, add_engine_args)
     add_models_parser(sub)
     add_convert_parser(sub)
     add_bench_parser(sub)

@@ -31,6 +31,8 @@ class Request:
     # A sibling (sample 0 of the same n > 1 request) whose prompt KV blocks this one reuses.
     share_prompt_with: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None  # when it first got a step (queue time ends)
+    first_token_time: float | None = None
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING

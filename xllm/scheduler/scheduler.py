@@ -13,6 +13,7 @@ its blocks are freed and it goes back to the front of the waiting queue with
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 from xllm.config import SchedulerConfig
@@ -125,6 +126,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
             self.running.append(request)
             chosen.append((request, num_new))
             budget -= num_new
@@ -180,6 +183,8 @@ class Scheduler:
             if token is None:
                 continue
             request.output_token_ids.append(token)
+            if request.first_token_time is None:
+                request.first_token_time = time.monotonic()
             if item.request_id in result.logprobs:
                 request.logprobs.append(result.logprobs[item.request_id])
             if request.check_stop():

@@ -1,0 +1,240 @@
+"""The engine behind a server: one background thread steps `LLMEngine`; asyncio streams per request.
+
+The engine thread owns the engine: it takes commands (add, abort) from a queue between steps,
+runs `step()` while anything is unfinished, and sleeps on an event when idle. The forward pass
+releases the GIL, so the event loop keeps serving HTTP while a step computes.
+
+Each step's outputs go to the event loop in one `call_soon_threadsafe` callback, which puts
+them in the requests' streams. A stream never blocks the engine: if its client is slow, new
+outputs are merged into the one still unread (text and token deltas concatenated), so a slow
+reader gets bigger pieces, and other requests do not wait for it.
+
+A request whose consumer goes away (client disconnect, cancellation) is aborted, and its KV
+blocks are freed, at the engine thread's next turn. If a step raises, the engine is dead: every
+stream gets `EngineDeadError`, and `healthy` turns false (the server's /health fails).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+
+import torch
+
+from xllm.config import EngineConfig
+from xllm.engine.engine import LLMEngine
+from xllm.engine.metrics import EngineMetrics
+from xllm.outputs import RequestOutput
+from xllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped on an error; no request can run until the process restarts."""
+
+
+class _Stream:
+    """Outputs of one request, from the engine to its one consumer; merges what is unread."""
+
+    def __init__(self, arrival_time: float, num_prompt_tokens: int):
+        self.arrival_time = arrival_time
+        self.num_prompt_tokens = num_prompt_tokens
+        self.first_token_time: float | None = None
+        self.last_token_time: float | None = None
+        self.num_generated = 0
+        self._pending: RequestOutput | BaseException | None = None
+        self._ready = asyncio.Event()
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        pending = self._pending
+        if isinstance(item, RequestOutput) and isinstance(pending, RequestOutput):
+            for old, new in zip(pending.outputs, item.outputs):
+                new.delta_text = old.delta_text + new.delta_text
+                new.delta_token_ids = old.delta_token_ids + new.delta_token_ids
+        if not isinstance(pending, BaseException):  # an error is final
+            self._pending = item
+        self._ready.set()
+
+    async def get(self) -> RequestOutput:
+        await self._ready.wait()
+        self._ready.clear()
+        item, self._pending = self._pending, None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+class AsyncLLM:
+    def __init__(self, engine: LLMEngine, model_name: str):
+        self.engine = engine
+        self.model_name = model_name
+        self.metrics = EngineMetrics(model_name, self._state)
+        self._streams: dict[str, _Stream] = {}
+        self._commands: collections.deque[tuple] = collections.deque()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ids = 0
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, model_name: str) -> "AsyncLLM":
+        return cls(LLMEngine(config), model_name)
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the engine thread; call from the event loop that will consume the streams."""
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="xllm-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        """Stop the engine thread after its current step; unfinished streams get EngineDeadError."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        self._fail_all(EngineDeadError("the engine was shut down"))
+
+    @property
+    def healthy(self) -> bool:
+        return self._error is None and self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued but not yet admitted by the scheduler (approximate: read across threads)."""
+        return len(self._commands) + self.engine.scheduler.num_waiting
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._streams)
+
+    def _state(self) -> dict:
+        scheduler = self.engine.scheduler
+        return dict(
+            running=scheduler.num_running,
+            waiting=self.num_waiting,
+            kv_usage=self.engine.kv.usage(),
+            preemptions=scheduler.num_preemptions,
+        )
+
+    # ---- requests ----------------------------------------------------------------------------
+    def new_request_id(self, prefix: str = "req") -> str:
+        self._ids += 1
+        return f"{prefix}-{self._ids}"
+
+    async def generate(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        arrival_time: float | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Queue a tokenized, validated prompt; yield its outputs until the finished one.
+
+        Leaving the loop early (or the consuming task being cancelled) aborts the request.
+        """
+        if not self.healthy:
+            raise EngineDeadError("the engine is not running")
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        stream = _Stream(arrival, len(prompt_token_ids))
+        self._streams[request_id] = stream
+        self._commands.append(("add", request_id, prompt_token_ids, params, arrival))
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                out = await stream.get()
+                finished = out.finished
+                yield out
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.append(("abort", request_id))
+        self._wake.set()
+
+    # ---- the engine thread -------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        if engine.config.num_threads:
+            torch.set_num_threads(engine.config.num_threads)  # OpenMP settings are per thread
+        try:
+            while not self._stopping:
+                self._drain_commands()
+                if not engine.has_unfinished_requests():
+                    self._wake.wait()
+                    self._wake.clear()
+                    continue
+                outputs = engine.step()
+                if outputs:
+                    self._loop.call_soon_threadsafe(self._dispatch, outputs)
+        except BaseException as exc:  # noqa: BLE001 - the loop must report whatever killed it
+            logger.exception("the engine loop failed; the engine is dead")
+            self._error = exc
+            self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(f"the engine loop failed: {exc!r}"))
+
+    def _drain_commands(self) -> None:
+        while self._commands:
+            command = self._commands.popleft()
+            if command[0] == "add":
+                _, request_id, token_ids, params, arrival = command
+                try:
+                    self.engine.add_request(token_ids, params, request_id, arrival_time=arrival)
+                except ValueError as exc:
+                    self._loop.call_soon_threadsafe(self._deliver, request_id, exc)
+            else:
+                out = self.engine.abort_request(command[1])
+                if out is not None:
+                    self.metrics.finished("abort")
+
+    # ---- on the event loop -------------------------------------------------------------------
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put(item)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        now = time.monotonic()
+        m = self.metrics
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue  # aborted meanwhile
+            new_tokens = sum(len(c.delta_token_ids) for c in out.outputs)
+            if new_tokens:
+                if stream.first_token_time is None:
+                    stream.first_token_time = now
+                    m.ttft.observe(now - stream.arrival_time)
+                    m.prompt_tokens.inc(stream.num_prompt_tokens)
+                    if out.metrics is not None and out.metrics.first_scheduled_time is not None:
+                        m.queue.observe(max(0.0, out.metrics.first_scheduled_time - stream.arrival_time))
+                else:
+                    m.itl.observe(now - stream.last_token_time)
+                stream.last_token_time = now
+                stream.num_generated += new_tokens
+                m.generation_tokens.inc(new_tokens)
+            if out.finished:
+                m.e2e.observe(now - stream.arrival_time)
+                per_sample = stream.num_generated / max(1, len(out.outputs))
+                if stream.first_token_time is not None and per_sample > 1:
+                    m.tpot.observe((now - stream.first_token_time) / (per_sample - 1))
+                for c in out.outputs:
+                    m.finished(c.finish_reason)
+            stream.put(out)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for stream in list(self._streams.values()):
+            stream.put(error)
