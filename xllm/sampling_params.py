@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 _MAX_LOGPROBS = 20
+_GREEDY_TEMPERATURE = 1e-5
 
 
 def _is_int(value) -> bool:
@@ -24,7 +25,7 @@ class SamplingParams:
     `repetition_penalty` (divides positive / multiplies negative logits of every token seen in
     prompt or output; 1 = off), `frequency_penalty` (minus penalty x count in the output),
     `presence_penalty` (minus penalty once for each token in the output), then `temperature`
-    (0 = greedy), `min_p` (drop tokens less likely than min_p x the top token), `top_k` (-1 = off)
+    (0, or below 1e-5, = greedy), `min_p` (drop tokens less likely than min_p x the top token), `top_k` (-1 = off)
     and `top_p` (1 = off).
 
     A request with a `seed` draws from its own generator, so it gives the same text whatever else
@@ -85,8 +86,6 @@ class SamplingParams:
                     raise ValueError(f"logit_bias[{key!r}] must be a number in [-100, 100] for a token id >= 0")
                 bias[token] = float(value)
             self.logit_bias = bias or None
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if not _is_int(self.min_tokens) or self.min_tokens < 0:
@@ -95,6 +94,8 @@ class SamplingParams:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if not _is_int(self.n) or self.n < 1:
             raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**64 - self.n):
+            raise ValueError(f"seed must be an integer in [-2**63, 2**64 - n), got {self.seed!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
@@ -120,7 +121,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        # Below 1e-5 dividing the logits by the temperature overflows; it is greedy in effect (as in vLLM).
+        return self.temperature < _GREEDY_TEMPERATURE or self.top_k == 1
 
     @property
     def has_penalties(self) -> bool:

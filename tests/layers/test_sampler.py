@@ -58,6 +58,13 @@ def test_greedy_rows_take_the_argmax():
     assert tokens.tolist() == logits.argmax(-1).tolist()
 
 
+def test_top_k_beyond_the_vocabulary_means_off():
+    logits = torch.randn(2, 30)
+    params = [SamplingParams(top_k=10**30, seed=1), SamplingParams(top_k=3, seed=2)]
+    tokens, _ = Sampler()(logits, [ctx(p) for p in params])
+    assert tokens.shape == (2,)
+
+
 def test_seeded_draws_do_not_depend_on_the_rest_of_the_batch():
     vocab = 100
     target = torch.randn(1, vocab)

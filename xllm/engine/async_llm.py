@@ -82,6 +82,9 @@ class AsyncLLM:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ids = 0
+        # Adds queued but not yet taken by the engine thread = sent - taken (each written by one thread).
+        self._adds_sent = 0
+        self._adds_taken = 0
 
     @classmethod
     def from_config(cls, config: EngineConfig, model_name: str) -> "AsyncLLM":
@@ -111,7 +114,7 @@ class AsyncLLM:
     @property
     def num_waiting(self) -> int:
         """Requests queued but not yet admitted by the scheduler (approximate: read across threads)."""
-        return len(self._commands) + self.engine.scheduler.num_waiting
+        return self._adds_sent - self._adds_taken + self.engine.scheduler.num_waiting
 
     @property
     def num_unfinished(self) -> int:
@@ -150,6 +153,7 @@ class AsyncLLM:
         stream = _Stream(arrival, len(prompt_token_ids))
         self._streams[request_id] = stream
         self._commands.append(("add", request_id, prompt_token_ids, params, arrival))
+        self._adds_sent += 1
         self._wake.set()
         finished = False
         try:
@@ -191,9 +195,10 @@ class AsyncLLM:
             command = self._commands.popleft()
             if command[0] == "add":
                 _, request_id, token_ids, params, arrival = command
+                self._adds_taken += 1
                 try:
                     self.engine.add_request(token_ids, params, request_id, arrival_time=arrival)
-                except ValueError as exc:
+                except Exception as exc:  # noqa: BLE001 - a bad request fails alone, never the loop
                     self._loop.call_soon_threadsafe(self._deliver, request_id, exc)
             else:
                 out = self.engine.abort_request(command[1])

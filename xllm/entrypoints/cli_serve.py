@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import time
 
 logger = logging.getLogger("xllm.server")
@@ -83,6 +84,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         listen=f"http://{args.host}:{args.port}",
     )
     app = build_app(AsyncLLM(engine, name), settings)
+    # uvicorn handles SIGTERM (stop accepting, drain, shut down), then re-raises it once the
+    # previous handler is back in place: make that handler a no-op, so a SIGTERM stop exits 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.run(
         app,
         host=args.host,
@@ -92,4 +96,5 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=args.shutdown_grace,
         timeout_keep_alive=30,
     )
+    logger.info("stopped")
     return 0

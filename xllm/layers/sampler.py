@@ -153,7 +153,7 @@ class Sampler:
             logits = apply_min_p(logits, torch.tensor([p.min_p for p in params], dtype=torch.float32))
         top_k = top_p = None
         if any(p.top_k > 0 for p in params):
-            top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params])
+            top_k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params])
         if any(p.top_p < 1.0 for p in params):
             top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
         probs = apply_top_k_top_p(logits, top_k, top_p).softmax(dim=-1)
