@@ -1,4 +1,4 @@
-"""`xllm bench ...`: the benchmark subcommands (`offline` now; `serve` will sit beside it)."""
+"""`xllm bench ...`: the benchmark subcommands, `offline` (the engine in-process) and `serve` (over HTTP)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,17 @@ def _cmd_offline(args: argparse.Namespace) -> int:
     return cmd_offline(args)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """Run `xllm bench serve` (the load generator's modules load only when it runs)."""
+    from xllm.bench.serve import cmd_serve
+
+    return cmd_serve(args)
+
+
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     """Add `bench` with its own subcommands to the `xllm` subparsers; return the `bench` parser."""
     from xllm.bench.offline import __doc__ as offline_doc, add_offline_args
+    from xllm.bench.serve import __doc__ as serve_doc, add_serve_args
 
     bench = subparsers.add_parser(
         "bench",
@@ -30,4 +38,12 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     )
     add_offline_args(offline)
     offline.set_defaults(func=_cmd_offline)
+    serve = kinds.add_parser(
+        "serve",
+        help="load-test an OpenAI-compatible server (ours, vLLM, llama-server): latency, throughput, goodput",
+        description=serve_doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_serve_args(serve)
+    serve.set_defaults(func=_cmd_serve)
     return bench

@@ -1,0 +1,886 @@
+"""`xllm bench serve`: load-test any OpenAI-compatible server (xLLM, vLLM, llama.cpp's llama-server).
+
+Streams seeded synthetic requests to /v1/completions or /v1/chat/completions and times what a
+client sees: TTFT, TPOT, ITL and end-to-end latency (mean, median, p90, p99), request and token
+throughputs, and goodput against latency bounds (SLO). Requests arrive as a Poisson process at
+--request-rate (inf = all at once), optionally capped at --max-concurrency in flight (with an
+infinite rate: a closed loop of that many clients). --sweep runs every rate of --rates, --sweep-auto
+searches the highest rate that meets the SLO; several --base-url servers run interleaved at each
+rate. Prints a table, writes every run and every request to JSON and draws the curves to a PNG.
+
+Prompts are made of common English words, about one token each: their lengths are approximate
+(exact with --tokenizer), and the server's own prompt-token counts are reported. No downloads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime
+import itertools
+import json
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import aiohttp
+import numpy as np
+
+from xllm.bench.report import table
+from xllm.bench.serve_stats import (
+    SLO,
+    SLO_RULE,
+    RateSearch,
+    RequestRecord,
+    arrival_offsets,
+    search_max_rate,
+    summarize_run,
+)
+
+logger = logging.getLogger(__name__)
+
+ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+DATASETS = ("random", "sharegpt", "shared-prefix")
+QUICK = dict(num_prompts=8, input_len=32, output_len=16, prefix_len=64, suffix_len=16, sweep_steps=2)
+
+# ShareGPT-like lengths: lognormal, i.e. exp(normal(mu, sigma)), so the median is exp(mu).
+# Input: median 200 tokens, sigma 1.0 (p90 ~720, mean ~330 before clipping), clipped to [4, 1024].
+# Output: median 150 tokens, sigma 0.9 (p90 ~475, mean ~225 before clipping), clipped to [4, 512].
+SHAREGPT_INPUT = dict(median=200, sigma=1.0, low=4, high=1024)
+SHAREGPT_OUTPUT = dict(median=150, sigma=0.9, low=4, high=512)
+
+# Common short English words that BPE vocabularies (Llama, Qwen, GPT-2, ...) hold as one token
+# each after a space: n of them joined by spaces make a prompt of about n tokens.
+WORDS = tuple(
+    """the of and to in is it that for on was with as be at by this have from or one had not but what
+    all were when we there can an your which their if do will each about how up out them then she
+    many some so these would other into has more her two like him see time could no make than first
+    been its who now people my made over did down only way find use may water long little very after
+    words called just where most know get through back much go good new write our me man too any day
+    same right look think also around another came come work three word must because does part even
+    place well such here take why help put different away again off went old number great tell men
+    say small every found still between name should home big give air line set own under read last
+    never us left end along while might next sound below saw something thought both few those always
+    show large often together asked house world going want school important until form food keep
+    children feet land side without boy once animal life enough took four head above kind began
+    almost live page got earth need far hand high year mother light country father let night picture
+    being study second soon story since white ever paper hard near sentence better best across during
+    today however sure knew try told young sun thing whole hear example heard several change answer
+    room sea against top turned learn point city play toward five himself usually money seen car
+    morning body upon family later turn move face door cut done group true half red fish plants
+    living black eat short run book gave order open ground cold really table remember tree course
+    front space inside ago early learned brought close nothing though idea before lived became add
+    become grow draw yet less wind behind cannot letter among able dog shown mean rest perhaps certain
+    six feel fire ready green yes built special ran full town complete person hot anything hold state
+    list stood hundred ten fast felt kept notice strong voice probably area horse matter stand box
+    start class piece surface river common stop talk whether fine round dark past ball girl road blue
+    instead either held already warm gone finally summer understand moon mind outside power problem
+    longer winter deep heavy follow beautiful everyone leave everything game system bring watch dry
+    within floor ice ship begin fact third quite carry distance although sat possible heart real
+    simple snow rain easy size wild weather sky main someone center field stay itself boat question
+    wide least hour happened foot care low else gold build glass rock tall alone bottom check reading
+    fall poor map friend language job music buy window mark heat grew listen ask single clear energy
+    week lost spring travel wrote farm circle bed measure straight base caught bright walk""".split()
+)
+
+
+@dataclass(frozen=True)
+class ServeBenchConfig:
+    """One `xllm bench serve` invocation: servers, workload, load points, SLO and output files."""
+
+    base_urls: tuple[str, ...] = ("http://127.0.0.1:8000",)
+    labels: tuple[str, ...] = ()  # one per base URL; () = each URL's host:port (and path)
+    models: tuple[str, ...] = ()  # () = each server's first /v1/models id; one for all; or one per URL
+    endpoint: str = "completions"  # a key of ENDPOINTS
+    api_key: str | None = None  # sent as "Authorization: Bearer <key>"
+    dataset: str = "random"  # one of DATASETS
+    num_prompts: int = 100  # requests per run
+    input_len: int = 128  # random: mean prompt tokens
+    output_len: int = 128  # max_tokens of random (the mean) and shared-prefix requests
+    range_ratio: float = 0.0  # random: lengths uniform within +-ratio of input_len and output_len
+    prefix_len: int = 256  # shared-prefix: tokens of the system prompt every request shares
+    suffix_len: int = 32  # shared-prefix: tokens of each request's own question
+    tokenizer: str | None = None  # a tokenizer.json: exact prompt lengths instead of ~1 token per word
+    request_rates: tuple[float, ...] = (math.inf,)  # requests/s of each load point; inf = all at once
+    max_concurrency: int | None = None  # most requests in flight; None = no cap
+    sweep_auto: bool = False  # search the highest rate meeting the SLO instead of request_rates
+    sweep_start_rate: float = 1.0
+    sweep_max_rate: float = 256.0
+    sweep_steps: int = 4  # bisection steps after the doubling phase
+    slo_ttft_ms: float | None = None
+    slo_tpot_ms: float | None = None
+    slo_e2e_ms: float | None = None
+    ignore_eos: bool = True  # send "ignore_eos": true (a vLLM/xLLM/llama.cpp extension)
+    warmup: int = 1  # untimed requests per server before its first run
+    timeout_s: float = 600.0  # limit of one request
+    seed: int = 0  # of the prompts and the arrival times
+    quick: bool = False  # a tiny workload, for development
+    output: str | None = None  # JSON path; None = benchmarks/results/serve-<date>-<time>.json
+    plot: str | None = None  # PNG path; None = the JSON path with .png
+    draw_plot: bool = True
+
+    @classmethod
+    def create(cls, quick: bool = False, **overrides) -> ServeBenchConfig:
+        """The defaults, the quick preset over them when `quick`, then every override that is not None."""
+        values = dict(QUICK) if quick else {}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(quick=quick, **values)
+
+    @property
+    def slo(self) -> SLO:
+        """The latency bounds (inactive when none is set)."""
+        return SLO(self.slo_ttft_ms, self.slo_tpot_ms, self.slo_e2e_ms)
+
+    def check(self) -> None:
+        """Raise ValueError on settings that cannot run, before any request is sent."""
+        servers = len(self.base_urls)
+        problems = [
+            (servers == 0, "give at least one base URL"),
+            (len(self.labels) not in (0, servers), f"give one label per base URL ({servers}), or none"),
+            (len(set(self.labels)) != len(self.labels), "labels must differ"),
+            (len(self.models) not in (0, 1, servers), f"give one model for all, one per base URL ({servers}), or none"),
+            (self.endpoint not in ENDPOINTS, f"endpoint must be one of {', '.join(ENDPOINTS)}"),
+            (self.dataset not in DATASETS, f"dataset must be one of {', '.join(DATASETS)}"),
+            (min(self.num_prompts, self.input_len, self.output_len, self.suffix_len) < 1,
+             "num_prompts, input_len, output_len and suffix_len must be at least 1"),
+            (min(self.prefix_len, self.warmup, self.seed) < 0, "prefix_len, warmup and seed cannot be negative"),
+            (not 0 <= self.range_ratio < 1, "range_ratio must be in [0, 1)"),
+            (not self.request_rates or min(self.request_rates) <= 0, "request rates must be positive"),
+            (self.max_concurrency is not None and self.max_concurrency < 1, "max_concurrency must be at least 1"),
+            (self.sweep_auto and not self.slo.active, "an automatic sweep needs an SLO bound (TTFT, TPOT or E2E)"),
+            (not 0 < self.sweep_start_rate <= self.sweep_max_rate, "need 0 < sweep start rate <= sweep max rate"),
+            (self.sweep_steps < 0, "sweep_steps cannot be negative"),
+        ]
+        for failed, message in problems:
+            if failed:
+                raise ValueError(message)
+
+
+# --- workload ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    """One request's prompt and lengths."""
+
+    text: str  # the prompt (chat: the user message)
+    input_len: int  # prompt tokens aimed at, prefix included
+    output_len: int  # max_tokens
+    prefix: str = ""  # shared-prefix: the common system prompt (completions: put before `text`)
+
+
+class PromptText:
+    """Seeded prompt text of a given token length, from WORDS.
+
+    Without a tokenizer each word counts as one token, so lengths are approximate (the server's
+    chat template and tokenizer add or merge a few). With a tokenizer.json (tokenizers library)
+    only the words it holds as one token are used and each text is trimmed or extended until the
+    tokenizer counts exactly the length asked (without special tokens).
+    """
+
+    def __init__(self, tokenizer_path: str | None = None):
+        self._tokenizer = None
+        self.words: tuple[str, ...] = WORDS
+        if tokenizer_path is not None:
+            from tokenizers import Tokenizer
+
+            self._tokenizer = Tokenizer.from_file(tokenizer_path)
+            self.words = tuple(w for w in WORDS if self._single_token(w))
+            if len(self.words) < 2:
+                raise ValueError(f"{tokenizer_path}: too few common English words are single tokens")
+
+    @property
+    def exact(self) -> bool:
+        """True when lengths are counted by a tokenizer."""
+        return self._tokenizer is not None
+
+    def count(self, text: str) -> int:
+        """Tokens of `text` by the tokenizer, without special tokens (needs a tokenizer)."""
+        assert self._tokenizer is not None
+        return len(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def _single_token(self, word: str) -> bool:
+        """True when the tokenizer holds `word` after a space as one token of its own (not the unknown token)."""
+        assert self._tokenizer is not None
+        base = self._tokenizer.encode("a", add_special_tokens=False)
+        after = self._tokenizer.encode(f"a {word}", add_special_tokens=False)
+        return len(after.ids) == len(base.ids) + 1 and word in after.tokens[-1]
+
+    def _draw(self, rng: np.random.Generator, n: int) -> list[str]:
+        """`n` words drawn uniformly."""
+        return [self.words[i] for i in rng.integers(0, len(self.words), size=n)]
+
+    def make(self, rng: np.random.Generator, num_tokens: int, lead: Sequence[str] = ()) -> str:
+        """A text of about (with a tokenizer: exactly) `num_tokens` tokens, starting with the words `lead`."""
+        words = list(lead) + self._draw(rng, max(0, num_tokens - len(lead)))
+        if self._tokenizer is None:
+            return " ".join(words)
+        count = self.count(" ".join(words))
+        while count > num_tokens and len(words) > 1:
+            words.pop()
+            count = self.count(" ".join(words))
+        while count < num_tokens:
+            words += self._draw(rng, 1)
+            count = self.count(" ".join(words))
+        return " ".join(words)
+
+    def index_words(self, index: int, total: int) -> list[str]:
+        """`index` written in base len(words) with words as digits, as many as `total` needs: distinct texts."""
+        base, width = len(self.words), 1
+        while base**width < total:
+            width += 1
+        return [self.words[(index // base**k) % base] for k in range(width)]
+
+
+def random_lengths(
+    rng: np.random.Generator, n: int, input_len: int, output_len: int, range_ratio: float
+) -> list[tuple[int, int]]:
+    """(input, output) lengths, each uniform over the integers within +-range_ratio of its mean, at least 1."""
+
+    def draw(mean: int) -> np.ndarray:
+        low, high = max(1, round(mean * (1 - range_ratio))), max(1, round(mean * (1 + range_ratio)))
+        return rng.integers(low, high + 1, size=n)
+
+    return list(zip(draw(input_len).tolist(), draw(output_len).tolist()))
+
+
+def sharegpt_lengths(rng: np.random.Generator, n: int) -> list[tuple[int, int]]:
+    """(input, output) lengths drawn like ShareGPT conversations: SHAREGPT_INPUT and SHAREGPT_OUTPUT lognormals."""
+
+    def draw(median: float, sigma: float, low: int, high: int) -> np.ndarray:
+        return np.clip(np.rint(rng.lognormal(math.log(median), sigma, size=n)), low, high).astype(int)
+
+    return list(zip(draw(**SHAREGPT_INPUT).tolist(), draw(**SHAREGPT_OUTPUT).tolist()))
+
+
+# Streams of the seed: each purpose has its own, so that changing one leaves the others alone.
+_PROMPTS, _WARMUP, _ARRIVALS = 0, 1, 2
+
+
+class Workload:
+    """The requests and arrival times of every run, all from the config's seed.
+
+    Each load point gets its own prompts (the same for every server at that point), so that a
+    server's prefix cache does not serve one run the prompts of an earlier one; the warm-up
+    requests are different again.
+    """
+
+    def __init__(self, cfg: ServeBenchConfig):
+        self.cfg = cfg
+        self.text = PromptText(cfg.tokenizer)
+
+    def requests(self, point: int) -> list[BenchRequest]:
+        """The `num_prompts` requests of load point `point`."""
+        return self._make(np.random.default_rng([self.cfg.seed, _PROMPTS, point]), self.cfg.num_prompts)
+
+    def warmup_requests(self) -> list[BenchRequest]:
+        """The `warmup` untimed requests sent to each server first."""
+        return self._make(np.random.default_rng([self.cfg.seed, _WARMUP]), self.cfg.warmup)
+
+    def arrivals(self, rate: float, point: int) -> list[float]:
+        """Send offsets in seconds of load point `point`'s requests at `rate` requests/s."""
+        return arrival_offsets(self.cfg.num_prompts, rate, np.random.default_rng([self.cfg.seed, _ARRIVALS, point]))
+
+    def _make(self, rng: np.random.Generator, n: int) -> list[BenchRequest]:
+        """`n` requests of the configured dataset."""
+        cfg = self.cfg
+        if cfg.dataset == "shared-prefix":
+            prefix = self.text.make(rng, cfg.prefix_len) if cfg.prefix_len else ""
+            return [
+                BenchRequest(
+                    text=self.text.make(rng, cfg.suffix_len, lead=self.text.index_words(i, n)),
+                    input_len=cfg.prefix_len + cfg.suffix_len,
+                    output_len=cfg.output_len,
+                    prefix=prefix,
+                )
+                for i in range(n)
+            ]
+        if cfg.dataset == "sharegpt":
+            lengths = sharegpt_lengths(rng, n)
+        else:
+            lengths = random_lengths(rng, n, cfg.input_len, cfg.output_len, cfg.range_ratio)
+        return [BenchRequest(self.text.make(rng, i), i, o) for i, o in lengths]
+
+
+# --- the HTTP client --------------------------------------------------------------------------
+
+
+def request_body(endpoint: str, model: str, request: BenchRequest, ignore_eos: bool) -> dict:
+    """The JSON body of a streamed, greedy OpenAI request that asks for the usage at the end."""
+    body: dict = {
+        "model": model,
+        "max_tokens": request.output_len,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if endpoint == "chat":
+        system = [{"role": "system", "content": request.prefix}] if request.prefix else []
+        body["messages"] = [*system, {"role": "user", "content": request.text}]
+    else:
+        body["prompt"] = f"{request.prefix} {request.text}" if request.prefix else request.text
+    if ignore_eos:
+        body["ignore_eos"] = True
+    return body
+
+
+def chunk_text(payload: dict) -> str:
+    """The text a streamed completion or chat chunk carries ("" for role-only and usage chunks)."""
+    choices = payload.get("choices") or []
+    if not choices:
+        return ""
+    delta = choices[0].get("delta")
+    if delta is not None:  # chat; reasoning models stream their thinking separately
+        return (delta.get("content") or "") + (delta.get("reasoning_content") or "")
+    return choices[0].get("text") or ""
+
+
+def error_message(body: str | dict, status: int | None = None) -> str:
+    """One line from an error body: OpenAI's {"error": {"message"}}, FastAPI's {"detail"}, or the text."""
+    if isinstance(body, str):
+        try:
+            body = json.loads(body)
+        except ValueError:
+            pass
+    message = body
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict):
+            message = error.get("message", error)
+        else:
+            message = error or body.get("message") or body.get("detail") or body
+    text = " ".join(str(message).split())
+    return (f"HTTP {status}: {text}" if status is not None else text)[:500]
+
+
+async def sse_data(content: aiohttp.StreamReader) -> AsyncIterator[tuple[float, str]]:
+    """(arrival time by time.perf_counter, payload) of each `data:` line of a server-sent event stream."""
+    buffer = b""
+    async for chunk in content.iter_any():
+        now = time.perf_counter()
+        *lines, buffer = (buffer + chunk).split(b"\n")
+        for line in lines:
+            if line.startswith(b"data:"):
+                yield now, line[5:].strip().decode()
+    if buffer.startswith(b"data:"):
+        yield time.perf_counter(), buffer[5:].strip().decode()
+
+
+def default_label(base_url: str) -> str:
+    """A server's name from its URL: host:port, plus the path when there is one."""
+    parts = urlsplit(base_url)
+    return (parts.netloc + parts.path.rstrip("/")) or base_url
+
+
+def normalize_base_url(base_url: str) -> str:
+    """The URL without a trailing slash or /v1, which both spellings of a base URL may carry."""
+    url = base_url.rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
+class ServerClient:
+    """One OpenAI-compatible server: its label, URL, model and HTTP session (an async context manager)."""
+
+    def __init__(self, base_url: str, label: str, cfg: ServeBenchConfig, model: str | None = None):
+        self.base_url = normalize_base_url(base_url)
+        self.label = label
+        self.model = model
+        self.cfg = cfg
+        self.url = self.base_url + ENDPOINTS[cfg.endpoint]
+        self.session: aiohttp.ClientSession | None = None
+
+    async def open(self) -> None:
+        """Open the session (no connection limit) and find the model name if none was given."""
+        headers = {"Authorization": f"Bearer {self.cfg.api_key}"} if self.cfg.api_key else {}
+        self.session = aiohttp.ClientSession(
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s),
+            connector=aiohttp.TCPConnector(limit=0),
+        )
+        try:
+            if self.model is None:
+                self.model = await self.first_model()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Close the session (if open)."""
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    async def __aenter__(self) -> ServerClient:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    async def first_model(self) -> str:
+        """The first model id that GET /v1/models lists; ValueError when the server cannot tell."""
+        assert self.session is not None
+        url = self.base_url + "/v1/models"
+        try:
+            async with self.session.get(url) as resp:
+                text = await resp.text()
+                if resp.status != 200:
+                    raise ValueError(f"{self.label}: GET {url} failed: {error_message(text, resp.status)}")
+                return json.loads(text)["data"][0]["id"]
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ValueError(f"{self.label}: cannot reach {url} ({type(exc).__name__}: {exc}); is the server up?") from None
+        except (LookupError, TypeError, json.JSONDecodeError):
+            raise ValueError(f"{self.label}: GET {url} lists no model; pass --model") from None
+
+    async def send(self, request: BenchRequest, index: int, run_start: float) -> RequestRecord:
+        """Stream one request; the record's times are from `run_start` (time.perf_counter). Never raises
+        for a failed request: its record carries the error."""
+        assert self.session is not None and self.model is not None
+        body = request_body(self.cfg.endpoint, self.model, request, self.cfg.ignore_eos)
+        start = time.perf_counter()
+        record = RequestRecord(index, request.input_len, request.output_len, send_s=start - run_start, end_s=0.0)
+        usage: dict | None = None
+        try:
+            async with self.session.post(self.url, json=body) as resp:
+                record.status = resp.status
+                if resp.status != 200:
+                    record.error = error_message(await resp.text(), resp.status)
+                else:
+                    async for arrival, data in sse_data(resp.content):
+                        if data == "[DONE]":
+                            break
+                        payload = json.loads(data)
+                        if payload.get("error"):
+                            record.error = error_message(payload)
+                            break
+                        if chunk_text(payload):
+                            record.chunk_s.append(arrival - run_start)
+                        usage = payload.get("usage") or usage
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            record.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        record.end_s = time.perf_counter() - run_start
+        if record.error is None and not record.chunk_s:
+            record.error = "the stream carried no text"
+        record.output_tokens = usage["completion_tokens"] if usage else len(record.chunk_s)
+        record.prompt_tokens = usage.get("prompt_tokens") if usage else None
+        return record
+
+    async def run_load(
+        self, requests: Sequence[BenchRequest], offsets: Sequence[float], max_concurrency: int | None
+    ) -> tuple[list[RequestRecord], float]:
+        """Send request i at offsets[i] seconds (waiting for a free slot when `max_concurrency` are in
+        flight); return the records and the seconds from the start to the end of the last request."""
+        slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+        start = time.perf_counter()
+
+        async def one(index: int) -> RequestRecord:
+            await asyncio.sleep(max(0.0, start + offsets[index] - time.perf_counter()))
+            if slots is None:
+                return await self.send(requests[index], index, start)
+            async with slots:
+                return await self.send(requests[index], index, start)
+
+        records = await asyncio.gather(*(one(i) for i in range(len(requests))))
+        return list(records), time.perf_counter() - start
+
+    async def warm_up(self, requests: Sequence[BenchRequest]) -> None:
+        """Send `requests` one after another, untimed; ValueError when one fails (the server or the
+        flags are wrong, and every timed request would fail the same way)."""
+        for request in requests:
+            record = await self.send(request, 0, time.perf_counter())
+            if not record.success:
+                hint = " (pass --no-ignore-eos if the server rejects ignore_eos)" if self.cfg.ignore_eos else ""
+                raise ValueError(f"{self.label}: warm-up request to {self.url} failed: {record.error}{hint}")
+
+
+# --- the benchmark ----------------------------------------------------------------------------
+
+
+def machine_line() -> dict:
+    """Where the client ran: platform, CPUs, Python, date."""
+    return {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def server_specs(cfg: ServeBenchConfig) -> list[tuple[str, str, str | None]]:
+    """(base URL, label, model or None) of each server; equal derived labels get #2, #3, ..."""
+    labels = list(cfg.labels) or [default_label(normalize_base_url(url)) for url in cfg.base_urls]
+    seen: dict[str, int] = {}
+    for i, label in enumerate(labels):
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] > 1:
+            labels[i] = f"{label}#{seen[label]}"
+    models: list[str | None] = list(cfg.models) * len(cfg.base_urls) if len(cfg.models) == 1 else list(cfg.models)
+    models = models or [None] * len(cfg.base_urls)
+    return list(zip(cfg.base_urls, labels, models))
+
+
+def search_summary(search: RateSearch) -> dict:
+    """A server's best rate as the report holds it."""
+    return {
+        "rate": search.best_rate,
+        "capped": search.capped,
+        "evaluations": [{"rate": rate, "meets_slo": met} for rate, met in search.evaluations],
+    }
+
+
+def run_benchmark(config: ServeBenchConfig) -> dict:
+    """Warm up and measure every server, write the JSON (and the PNG); return the report.
+
+    With fixed rates, every rate is run on each server in turn before the next rate (interleaved);
+    an automatic sweep searches each server's rate in turn. Runs its own event loop, so call it
+    from synchronous code. The report's top-level keys: config, machine, slo (None without bounds),
+    servers, runs (each with its summary and per-request records), best_rate (per label, with an
+    SLO), files (the JSON and PNG paths).
+    """
+    config.check()
+    workload = Workload(config)
+    slo = config.slo
+    report: dict = {
+        "config": dataclasses.asdict(config),
+        "machine": machine_line(),
+        "slo": {**dataclasses.asdict(slo), "rule": SLO_RULE} if slo.active else None,
+        "servers": [],
+        "runs": [],
+        "best_rate": {},
+        "files": {},
+    }
+    with asyncio.Runner() as runner:
+        clients: list[ServerClient] = []
+
+        def measure(client: ServerClient, rate: float, point: int) -> dict:
+            """One run of load point `point` at `rate` on `client`: add it to the report, return its summary."""
+            load = client.run_load(workload.requests(point), workload.arrivals(rate, point), config.max_concurrency)
+            records, duration = runner.run(load)
+            summary = summarize_run(records, duration, slo)
+            report["runs"].append({
+                "label": client.label,
+                "request_rate": rate,
+                "max_concurrency": config.max_concurrency,
+                "point": point,
+                "summary": summary,
+                "requests": [dataclasses.asdict(r) for r in records],
+            })
+            verdict = "" if summary["meets_slo"] is None else f", SLO {'met' if summary['meets_slo'] else 'missed'}"
+            logger.info(
+                "%s at %g req/s: %d completed, %d failed, %.2f req/s, %.1f output tok/s%s", client.label, rate,
+                summary["completed"], summary["failed"], summary["request_throughput"], summary["output_throughput"],
+                verdict,
+            )
+            return summary
+
+        def sweep(client: ServerClient) -> RateSearch:
+            """The automatic search of `client`'s highest rate meeting the SLO; each try is a new load point."""
+            points = itertools.count()
+            return search_max_rate(
+                lambda rate: bool(measure(client, rate, next(points))["meets_slo"]),
+                config.sweep_start_rate,
+                config.sweep_max_rate,
+                config.sweep_steps,
+            )
+
+        try:
+            for url, label, model in server_specs(config):
+                clients.append(ServerClient(url, label, config, model))
+                runner.run(clients[-1].open())
+                runner.run(clients[-1].warm_up(workload.warmup_requests()))
+                report["servers"].append({"label": label, "base_url": clients[-1].base_url, "model": clients[-1].model})
+            if config.sweep_auto:
+                for client in clients:
+                    report["best_rate"][client.label] = search_summary(sweep(client))
+            else:
+                results: dict[str, list[tuple[float, bool]]] = {c.label: [] for c in clients}
+                for point, rate in enumerate(config.request_rates):
+                    for client in clients:
+                        results[client.label].append((rate, bool(measure(client, rate, point)["meets_slo"])))
+                if slo.active:
+                    for label, evaluations in results.items():
+                        met = [rate for rate, ok in evaluations if ok]
+                        best = RateSearch(max(met, default=None), len(met) == len(evaluations), evaluations)
+                        report["best_rate"][label] = search_summary(best)
+        finally:
+            for client in clients:
+                runner.run(client.close())
+    write_outputs(report, config)
+    return report
+
+
+def default_output_path(now: datetime.datetime | None = None) -> str:
+    """benchmarks/results/serve-<date>-<time>.json under the current directory."""
+    stamp = f"{now or datetime.datetime.now():%Y-%m-%d-%H%M%S}"
+    return os.path.join("benchmarks", "results", f"serve-{stamp}.json")
+
+
+def _json_safe(value):
+    """`value` with every non-finite float as a string ("inf"), which strict JSON cannot hold."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_outputs(report: dict, cfg: ServeBenchConfig) -> None:
+    """Draw the PNG (unless disabled) and write the JSON, creating folders; record both paths in `report`."""
+    json_path = cfg.output or default_output_path()
+    plot_path = None
+    if cfg.draw_plot:
+        from xllm.bench.serve_plot import plot_report
+
+        plot_path = plot_report(report, cfg.plot or os.path.splitext(json_path)[0] + ".png")
+    report["files"] = {"json": json_path, "plot": plot_path}
+    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+    with open(json_path, "w") as f:
+        json.dump(_json_safe(report), f, indent=2, allow_nan=False)
+        f.write("\n")
+
+
+# --- the printed report -----------------------------------------------------------------------
+
+
+def _ms(value: float | None) -> str:
+    """Milliseconds with three significant digits, "-" when missing."""
+    return "-" if value is None else f"{value:.3g}" if value < 100 else f"{value:.0f}"
+
+
+def _rate(value: float | None) -> str:
+    """A request rate ("inf" for all at once, "-" when missing)."""
+    return "-" if value is None else f"{value:g}"
+
+
+def _verdict(met: bool | None) -> str:
+    """yes / no / - (no SLO)."""
+    return "-" if met is None else "yes" if met else "no"
+
+
+def header_lines(report: dict) -> list[str]:
+    """Date, machine, workload, arrivals, servers and SLO."""
+    cfg, m = report["config"], report["machine"]
+    if cfg["dataset"] == "shared-prefix":
+        lengths = (f"~{cfg['prefix_len']}-token shared prefix + ~{cfg['suffix_len']}-token question, "
+                   f"{cfg['output_len']} output tokens")
+    elif cfg["dataset"] == "sharegpt":
+        lengths = "ShareGPT-like lognormal lengths (input median ~200, output median ~150 tokens)"
+    else:
+        spread = f" (+-{100 * cfg['range_ratio']:g}%)" if cfg["range_ratio"] else ""
+        lengths = f"~{cfg['input_len']} input, {cfg['output_len']} output tokens{spread}"
+    exact = "exact lengths by tokenizer" if cfg["tokenizer"] else "lengths approximate"
+    eos = ", EOS ignored" if cfg["ignore_eos"] else ""
+    cap = cfg["max_concurrency"]
+    if cfg["sweep_auto"]:
+        load = (f"Poisson, automatic rate search from {cfg['sweep_start_rate']:g} req/s (doubling up to "
+                f"{cfg['sweep_max_rate']:g}, then {cfg['sweep_steps']} bisections)")
+    elif cap and all(math.isinf(r) for r in cfg["request_rates"]):
+        load = f"closed loop, {cap} clients each sending its next request when the previous one ends"
+        cap = None
+    else:
+        rates = cfg["request_rates"]
+        load = f"Poisson at {', '.join(_rate(r) for r in rates)} req/s"
+        if any(math.isinf(r) for r in rates):
+            load += " (inf = all at once)"
+    load += f", at most {cap} in flight" if cap else ""
+    lines = [
+        f"xLLM serve benchmark  {m['date']}{'  (quick)' if cfg['quick'] else ''}",
+        f"client: {m['platform']}, {m['cpu_count']} CPUs, Python {m['python']}",
+        f"workload: {cfg['num_prompts']} requests per run, {cfg['dataset']} dataset: {lengths} ({exact}); "
+        f"{ENDPOINTS[cfg['endpoint']]}, streamed, greedy{eos}",
+        f"arrivals: {load}; {cfg['warmup']} untimed warm-up request(s) per server",
+    ]
+    lines += [f"server {s['label']}: {s['base_url']}, model {s['model']}" for s in report["servers"]]
+    slo = report["slo"]
+    if slo:
+        bounds = [f"{name} <= {slo[key]:g} ms" for name, key in (("TTFT", "ttft_ms"), ("TPOT", "tpot_ms"),
+                                                                  ("E2E", "e2e_ms")) if slo[key] is not None]
+        lines.append(f"SLO: {', '.join(bounds)}; {slo['rule']}")
+    return lines
+
+
+def runs_table(report: dict) -> str:
+    """One row per server and rate: counts, throughputs, latency medians and p99s, goodput, verdict."""
+    rows = [[
+        "server", "rate", "done", "failed", "req/s", "out tok/s", "total tok/s", "TTFT p50", "TTFT p99",
+        "TPOT p50", "TPOT p99", "ITL p50", "ITL p99", "E2E p50", "E2E p99", "goodput", "SLO",
+    ]]
+    order = {s["label"]: i for i, s in enumerate(report["servers"])}
+    for run in sorted(report["runs"], key=lambda r: (order[r["label"]], r["request_rate"])):
+        s = run["summary"]
+        rows.append([
+            run["label"],
+            _rate(run["request_rate"]),
+            str(s["completed"]),
+            str(s["failed"]),
+            f"{s['request_throughput']:.3g}",
+            f"{s['output_throughput']:.1f}",
+            f"{s['total_token_throughput']:.1f}",
+            *(_ms(s[metric][q]) for metric in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms") for q in ("median", "p99")),
+            "-" if s["goodput"] is None else f"{s['goodput']:.3g}",
+            _verdict(s["meets_slo"]),
+        ])
+    return table(rows)
+
+
+def best_lines(report: dict) -> list[str]:
+    """The highest request rate that met the SLO, per server."""
+    lines = []
+    for label, best in report["best_rate"].items():
+        if best["rate"] is None:
+            lines.append(f"  {label}: no rate tried met the SLO")
+        else:
+            capped = " (every rate tried met it: the limit is higher)" if best["capped"] else ""
+            lines.append(f"  {label}: {_rate(best['rate'])} req/s{capped}")
+    return lines
+
+
+def format_report(report: dict) -> str:
+    """The whole printed report."""
+    lines = [
+        *header_lines(report),
+        "",
+        "Runs (rate and goodput in req/s, latencies in ms: TTFT to first text, TPOT per later token, "
+        "ITL between chunks, E2E whole request)",
+        runs_table(report),
+    ]
+    if report["best_rate"]:
+        lines += ["", "Highest request rate meeting the SLO", *best_lines(report)]
+    return "\n".join(lines)
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def parse_rates(text: str) -> tuple[float, ...]:
+    """"1,2,4,inf" -> (1.0, 2.0, 4.0, inf)."""
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of rates: {text!r}") from None
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of `xllm bench serve`."""
+    d = ServeBenchConfig()
+    quick = ", ".join(f"{k}={v}" for k, v in QUICK.items())
+    g = parser.add_argument_group("servers")
+    g.add_argument("--base-url", action="append", metavar="URL",
+                   help=f"server to load, repeatable to compare several (default {d.base_urls[0]})")
+    g.add_argument("--label", action="append", metavar="NAME",
+                   help="name of each --base-url in the report and plot, in order (default: host:port)")
+    g.add_argument("--model", action="append", metavar="NAME",
+                   help="model name sent in the body: once for all servers or once per --base-url "
+                        "(default: the first id of each server's /v1/models)")
+    g.add_argument("--endpoint", choices=list(ENDPOINTS), default=d.endpoint,
+                   help=f"completions = {ENDPOINTS['completions']} with a prompt, chat = {ENDPOINTS['chat']} "
+                        f"(default {d.endpoint})")
+    g.add_argument("--api-key", metavar="KEY", help="sent as 'Authorization: Bearer KEY'")
+    g.add_argument("--no-ignore-eos", action="store_true",
+                   help="do not send \"ignore_eos\": true (for servers that reject it; outputs may end early)")
+    g.add_argument("--timeout", type=float, metavar="S",
+                   help=f"limit of one request in seconds (default {d.timeout_s:g})")
+    g = parser.add_argument_group("workload")
+    g.add_argument("--dataset", choices=DATASETS, default=d.dataset,
+                   help="random: uniform lengths around --input-len/--output-len; sharegpt: a ShareGPT-like "
+                        "lognormal length mix; shared-prefix: one --prefix-len system prompt + a --suffix-len "
+                        f"question per request (default {d.dataset})")
+    g.add_argument("--num-prompts", type=int, help=f"requests per run (default {d.num_prompts})")
+    g.add_argument("--input-len", type=int, help=f"random: prompt tokens, about (default {d.input_len})")
+    g.add_argument("--output-len", type=int, help=f"random, shared-prefix: max_tokens (default {d.output_len})")
+    g.add_argument("--range-ratio", type=float,
+                   help=f"random: lengths uniform within +-this fraction of the means (default {d.range_ratio:g})")
+    g.add_argument("--prefix-len", type=int,
+                   help=f"shared-prefix: tokens of the shared prompt (default {d.prefix_len})")
+    g.add_argument("--suffix-len", type=int, help=f"shared-prefix: tokens of each question (default {d.suffix_len})")
+    g.add_argument("--tokenizer", metavar="PATH", help="a tokenizer.json: prompts of exact token lengths")
+    g.add_argument("--seed", type=int, default=d.seed, help=f"seed of the prompts and arrival times (default {d.seed})")
+    g.add_argument("--warmup", type=int, metavar="N", help=f"untimed requests per server first (default {d.warmup})")
+    g = parser.add_argument_group("load")
+    g.add_argument("--request-rate", type=float, metavar="R",
+                   help="Poisson arrivals at R requests/s; inf = all at once (default inf)")
+    g.add_argument("--max-concurrency", type=int, metavar="C",
+                   help="at most C requests in flight; with rate inf, C clients each sending its next "
+                        "request when the previous one ends (default: no cap)")
+    g.add_argument("--sweep", action="store_true", help="run every rate of --rates (default 1,2,4,8)")
+    g.add_argument("--rates", type=parse_rates, metavar="R1,R2,...", help="rates of --sweep (implies it)")
+    g.add_argument("--sweep-auto", action="store_true",
+                   help="search each server's highest rate meeting the SLO: double from --sweep-start-rate "
+                        "until it fails, then bisect --sweep-steps times")
+    g.add_argument("--sweep-start-rate", type=float, metavar="R",
+                   help=f"the search's first rate (default {d.sweep_start_rate:g})")
+    g.add_argument("--sweep-max-rate", type=float, metavar="R",
+                   help=f"the search stops here (default {d.sweep_max_rate:g})")
+    g.add_argument("--sweep-steps", type=int, metavar="N", help=f"bisection steps (default {d.sweep_steps})")
+    g = parser.add_argument_group("SLO (a run meets it when no request failed and each bound holds at p99)")
+    g.add_argument("--slo-ttft-ms", type=float, metavar="MS", help="bound on time to first token")
+    g.add_argument("--slo-tpot-ms", type=float, metavar="MS", help="bound on time per output token")
+    g.add_argument("--slo-e2e-ms", type=float, metavar="MS", help="bound on end-to-end latency")
+    g = parser.add_argument_group("output")
+    g.add_argument("--output", metavar="PATH", help="JSON file (default benchmarks/results/serve-<date>-<time>.json)")
+    g.add_argument("--plot", metavar="PATH", help="PNG file (default: the JSON path with .png)")
+    g.add_argument("--no-plot", action="store_true", help="draw no PNG")
+    g.add_argument("--quick", action="store_true", help=f"tiny run for development: {quick}")
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="log verbosity on stderr; info logs each run as it ends (default info)")
+
+
+def config_from_args(args: argparse.Namespace) -> ServeBenchConfig:
+    """A `ServeBenchConfig` from parsed `add_serve_args` flags; ValueError on conflicting flags."""
+    if args.sweep_auto and (args.sweep or args.rates or args.request_rate is not None):
+        raise ValueError("--sweep-auto picks its own rates: drop --sweep, --rates and --request-rate")
+    if (args.sweep or args.rates) and args.request_rate is not None:
+        raise ValueError("give either --request-rate or --sweep/--rates")
+    if args.sweep or args.rates:
+        rates = args.rates or (1.0, 2.0, 4.0, 8.0)
+    else:
+        rates = None if args.request_rate is None else (args.request_rate,)
+    return ServeBenchConfig.create(
+        quick=args.quick,
+        base_urls=tuple(args.base_url) if args.base_url else None,
+        labels=tuple(args.label) if args.label else None,
+        models=tuple(args.model) if args.model else None,
+        endpoint=args.endpoint,
+        api_key=args.api_key,
+        dataset=args.dataset,
+        num_prompts=args.num_prompts,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        range_ratio=args.range_ratio,
+        prefix_len=args.prefix_len,
+        suffix_len=args.suffix_len,
+        tokenizer=args.tokenizer,
+        request_rates=rates,
+        max_concurrency=args.max_concurrency,
+        sweep_auto=args.sweep_auto,
+        sweep_start_rate=args.sweep_start_rate,
+        sweep_max_rate=args.sweep_max_rate,
+        sweep_steps=args.sweep_steps,
+        slo_ttft_ms=args.slo_ttft_ms,
+        slo_tpot_ms=args.slo_tpot_ms,
+        slo_e2e_ms=args.slo_e2e_ms,
+        ignore_eos=not args.no_ignore_eos,
+        warmup=args.warmup,
+        timeout_s=args.timeout,
+        seed=args.seed,
+        output=args.output,
+        plot=args.plot,
+        draw_plot=not args.no_plot,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the benchmark from parsed flags: print the table, write the JSON and the PNG."""
+    report = run_benchmark(config_from_args(args))
+    print(format_report(report))
+    files = report["files"]
+    print(f"\nwritten: {files['json']}" + (f", {files['plot']}" if files["plot"] else ""))
+    return 0
