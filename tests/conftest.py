@@ -32,3 +32,12 @@ def smollm2_llm():
     from xllm import LLM
 
     return LLM(dtype="float32", kv_cache_memory_gib=0.5)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """`xllm serve` on the default model (float32, as the GGUF is read), named "smollm2", shared by the tests."""
+    from xllm.bench.launch import launch_xllm
+
+    with launch_xllm(str(tmp_path_factory.mktemp("server")), "--served-model-name", "smollm2", "--kv-cache-memory", "0.25") as s:
+        yield s

@@ -6,15 +6,29 @@ import pytest
 from xllm.entrypoints.cli import build_parser
 
 
-def test_generate_help_explains_every_flag():
-    parser = build_parser()
-    sub = parser._subparsers._group_actions[0].choices["generate"]
+def _explains_every_flag(sub, flags):
     for action in sub._actions:
         if action.option_strings and action.dest != "help":
             assert action.help and len(action.help) > 10, action.option_strings
     text = sub.format_help()
-    for flag in ["--model", "--dtype", "--temperature", "--top-k", "--top-p", "--max-tokens", "--chat", "--ignore-eos"]:
+    for flag in flags:
         assert flag in text
+
+
+def test_generate_help_explains_every_flag():
+    sub = build_parser()._subparsers._group_actions[0].choices["generate"]
+    _explains_every_flag(sub, ["--model", "--dtype", "--temperature", "--top-k", "--top-p", "--max-tokens", "--chat", "--ignore-eos"])
+
+
+def test_serve_help_explains_every_flag():
+    sub = build_parser()._subparsers._group_actions[0].choices["serve"]
+    _explains_every_flag(sub, [
+        "--model", "--dtype", "--host", "--port", "--max-model-len", "--kv-cache-memory", "--max-num-batched-tokens",
+        "--max-num-seqs", "--served-model-name", "--api-key", "--max-waiting-requests", "--max-request-bytes",
+        "--shutdown-grace", "--log-level",
+    ])
+    args = build_parser().parse_args(["serve"])
+    assert (args.host, args.port, args.model) == ("127.0.0.1", 8000, None)  # the default model on 127.0.0.1:8000
 
 
 def run_cli(*args):

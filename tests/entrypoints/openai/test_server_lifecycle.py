@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from conftest import run_server
+from xllm.bench.launch import launch_xllm
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,7 @@ def _gauge(server, name: str) -> float:
 
 def test_api_key_body_limit_and_queue_bound(tmp_path):
     args = ("--api-key", "s3cret", "--max-request-bytes", "4096", "--max-num-seqs", "1", "--max-waiting-requests", "1")
-    with run_server(str(tmp_path), *args) as server:
+    with launch_xllm(str(tmp_path), "--kv-cache-memory", "0.25", *args) as server:
         url = server.v1 + "/completions"
         auth = {"Authorization": "Bearer s3cret"}
         small = {"prompt": "Hi", "max_tokens": 2}
@@ -84,7 +84,7 @@ def _stream_in_thread(url: str, body: dict, lines: list[str], started: threading
 
 
 def test_sigterm_finishes_in_flight_requests_then_exits_0(tmp_path):
-    with run_server(str(tmp_path)) as server:
+    with launch_xllm(str(tmp_path), "--kv-cache-memory", "0.25") as server:
         lines: list[str] = []
         started = threading.Event()
         body = {**LONG, "max_tokens": 150}
@@ -103,7 +103,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(tmp_path):
 
 
 def test_grace_period_bounds_shutdown(tmp_path):
-    with run_server(str(tmp_path), "--shutdown-grace", "1") as server:
+    with launch_xllm(str(tmp_path), "--kv-cache-memory", "0.25", "--shutdown-grace", "1") as server:
         lines: list[str] = []
         started = threading.Event()
         thread = _stream_in_thread(server.v1 + "/completions", LONG, lines, started)  # would run for minutes

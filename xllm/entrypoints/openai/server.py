@@ -86,12 +86,6 @@ class _Middleware:
             return await self.app(scope, receive, send)
         start = time.monotonic()
         path = scope["path"]
-        if self.api_key is not None and path.startswith("/v1"):
-            headers = dict(scope["headers"])
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-                err = APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
-                return await err.response()(scope, receive, send)
         log = AccessLog()
         scope.setdefault("state", {})["access"] = log
         status = 0
@@ -104,6 +98,11 @@ class _Middleware:
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 _log_access(scope, log, status, start)
 
+        if self.api_key is not None and path.startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
+                err = APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+                return await err.response()(scope, receive, send_logged)
         try:
             await self.app(scope, receive, send_logged)
         except BaseException:
