@@ -21,7 +21,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import torch
 
@@ -69,14 +69,30 @@ class _Stream:
         return item
 
 
+def _warm_up(engine: LLMEngine) -> None:
+    """Run one tiny request through the engine, so the first user request does not pay first-call costs."""
+    engine.add_request([0], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True), "warm-up")
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
 class AsyncLLM:
-    def __init__(self, engine: LLMEngine, model_name: str):
+    """An engine stepped by its own thread, with asyncio streams per request.
+
+    Build it with `from_config`: the engine thread then also loads the model, so that it is the
+    only thread that ever runs torch's parallel regions. (A second thread running torch ops gets
+    a second OpenMP team; with more OpenMP threads than cores, libgomp stops spin-waiting between
+    parallel regions, and a decode step on 2 cores loses ~20% to sleeping and waking its workers.)
+    """
+
+    def __init__(self, engine: LLMEngine | None, model_name: str | None = None):
         self.engine = engine
         self.model_name = model_name
-        self.metrics = EngineMetrics(model_name, self._state)
+        self.metrics: EngineMetrics | None = None
         self._streams: dict[str, _Stream] = {}
         self._commands: collections.deque[tuple] = collections.deque()
         self._wake = threading.Event()
+        self._loop_ready = threading.Event()
         self._stopping = False
         self._error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -85,31 +101,70 @@ class AsyncLLM:
         # Adds queued but not yet taken by the engine thread = sent - taken (each written by one thread).
         self._adds_sent = 0
         self._adds_taken = 0
+        if engine is not None:
+            self._set_engine(engine)
+
+    def _set_engine(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        if self.model_name is None:
+            self.model_name = engine.model_source
+        self.metrics = EngineMetrics(self.model_name, self._state)
 
     @classmethod
-    def from_config(cls, config: EngineConfig, model_name: str) -> "AsyncLLM":
-        return cls(LLMEngine(config), model_name)
+    def from_config(cls, config: EngineConfig, model_name: str | Callable[[LLMEngine], str] | None = None, warm_up: bool = True) -> "AsyncLLM":
+        """Start the engine thread, load the model in it (and warm it up); return once it is ready.
+
+        `model_name` may be a function of the loaded engine. Loading errors are raised here.
+        """
+        llm = cls(None, None)
+        loaded = threading.Event()
+
+        def load_then_run():
+            try:
+                engine = LLMEngine(config)
+                if warm_up:
+                    _warm_up(engine)
+                llm.model_name = model_name(engine) if callable(model_name) else model_name
+                llm._set_engine(engine)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                llm._error = exc
+                return
+            finally:
+                loaded.set()
+            llm._loop_ready.wait()
+            llm._run()
+
+        llm._thread = threading.Thread(target=load_then_run, name="xllm-engine", daemon=True)
+        llm._thread.start()
+        loaded.wait()
+        if llm._error is not None:
+            raise llm._error
+        return llm
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the engine thread; call from the event loop that will consume the streams."""
-        if self._thread is not None:
+        """Let the engine thread run, delivering to this event loop; call from that loop."""
+        if self._loop is not None:
             return
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="xllm-engine", daemon=True)
-        self._thread.start()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="xllm-engine", daemon=True)
+            self._thread.start()
+        self._loop_ready.set()
 
     async def shutdown(self) -> None:
         """Stop the engine thread after its current step; unfinished streams get EngineDeadError."""
         self._stopping = True
         self._wake.set()
+        self._loop_ready.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
         self._fail_all(EngineDeadError("the engine was shut down"))
 
     @property
     def healthy(self) -> bool:
-        return self._error is None and self._thread is not None and self._thread.is_alive() and not self._stopping
+        running = self._loop is not None and self._thread is not None and self._thread.is_alive()
+        return running and self._error is None and not self._stopping
 
     @property
     def num_waiting(self) -> int:
@@ -175,6 +230,8 @@ class AsyncLLM:
         engine = self.engine
         if engine.config.num_threads:
             torch.set_num_threads(engine.config.num_threads)  # OpenMP settings are per thread
+        if self._stopping:
+            return
         try:
             while not self._stopping:
                 self._drain_commands()

@@ -71,19 +71,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError("--max-waiting-requests must be >= 0 and --max-request-bytes >= 1")
     start = time.monotonic()
     config = EngineConfig.create(**engine_kwargs(args))
-    from xllm.engine.engine import LLMEngine
-
-    engine = LLMEngine(config)
-    name = args.served_model_name or default_model_name(engine.model_source)
-    logger.info("loaded %s in %.1f s", engine.model_source, time.monotonic() - start)
+    llm = AsyncLLM.from_config(config, lambda engine: args.served_model_name or default_model_name(engine.model_source))
+    logger.info("loaded %s in %.1f s", llm.engine.model_source, time.monotonic() - start)
     settings = ServerSettings(
-        model_name=name,
+        model_name=llm.model_name,
         api_key=args.api_key or None,
         max_waiting_requests=args.max_waiting_requests or None,
         max_body_bytes=args.max_request_bytes,
         listen=f"http://{args.host}:{args.port}",
     )
-    app = build_app(AsyncLLM(engine, name), settings)
+    app = build_app(llm, settings)
     # uvicorn handles SIGTERM (stop accepting, drain, shut down), then re-raises it once the
     # previous handler is back in place: make that handler a no-op, so a SIGTERM stop exits 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
