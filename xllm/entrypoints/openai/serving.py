@@ -244,6 +244,11 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
 
 
+def _envelope(ctx: ServingContext, job: _Job, obj: str, created: int, choices: list[dict], **extra) -> dict:
+    """The fields every completion / chat response and chunk starts with."""
+    return {"id": job.request_id, "object": obj, "created": created, "model": ctx.model_name, "choices": choices, **extra}
+
+
 def _sse(data: dict) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
@@ -330,68 +335,65 @@ async def completion_full(ctx: ServingContext, job: _Job, body: CompletionReques
                 "stop_reason": c.stop_reason,
             })
     log.output_tokens = completion_tokens
-    return {
-        "id": job.request_id,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": ctx.model_name,
-        "choices": choices,
-        "usage": _usage(log.prompt_tokens, completion_tokens),
-    }
+    return _envelope(ctx, job, "text_completion", int(time.time()), choices, usage=_usage(log.prompt_tokens, completion_tokens))
 
 
-async def completion_stream(ctx: ServingContext, job: _Job, body: CompletionRequest, log: AccessLog) -> AsyncIterator[str]:
-    n = job.params.n
+async def _sse_stream(ctx: ServingContext, job: _Job, obj: str, body, log: AccessLog, parts) -> AsyncIterator[str]:
+    """Server-sent events from `parts`, an async iterator of (choices, new tokens); the usage chunk
+    when asked for; an in-band error event if something fails after the stream started; [DONE]."""
     created = int(time.time())
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    token_text = ctx.llm.engine._token_str
-    trackers: dict[int, _CompletionLogprobs] = {}
-    started: set[int] = set()
-    completion_tokens = 0
-
-    def chunk(choices: list[dict]) -> str:
-        data = {"id": job.request_id, "object": "text_completion", "created": created, "model": ctx.model_name, "choices": choices}
-        if include_usage:
-            data["usage"] = None
-        return _sse(data)
-
+    extra = {"usage": None} if include_usage else {}
     try:
-        async for i, out in _merged(ctx, job, log):
-            choices = []
-            for c in out.outputs:
-                index = i * n + c.index
-                text, ids = c.delta_text, c.delta_token_ids
-                if job.drop_generated:
-                    text, ids = "", []
-                logprobs = None
-                if body.logprobs is not None:
-                    tracker = trackers.setdefault(index, _CompletionLogprobs(body.logprobs))
-                    logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-                    if body.echo and index not in started:
-                        for key, value in tracker.add(out.prompt_token_ids, out.prompt_logprobs or [None] * len(out.prompt_token_ids), token_text).items():
-                            logprobs[key].extend(value)
-                    if ids:
-                        for key, value in tracker.add(ids, (c.logprobs or [])[len(c.token_ids) - len(ids):], token_text).items():
-                            logprobs[key].extend(value)
-                if body.echo and index not in started:
-                    text = job.echo_texts[i] + text
-                started.add(index)
-                completion_tokens += len(ids)
-                finish = ("length" if job.drop_generated else c.finish_reason) if c.finished else None
-                if text or finish is not None or (logprobs and logprobs["tokens"]):
-                    choices.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish,
-                                    "stop_reason": c.stop_reason if c.finished else None})
+        async for choices, new_tokens in parts:
+            log.output_tokens += new_tokens
             if choices:
-                yield chunk(choices)
-        log.output_tokens = completion_tokens
+                yield _sse(_envelope(ctx, job, obj, created, choices, **extra))
         if include_usage:
-            yield _sse({"id": job.request_id, "object": "text_completion", "created": created, "model": ctx.model_name,
-                        "choices": [], "usage": _usage(log.prompt_tokens, completion_tokens)})
+            yield _sse(_envelope(ctx, job, obj, created, [], usage=_usage(log.prompt_tokens, log.output_tokens)))
     except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
         err = engine_error(exc)
         yield _sse(error_body(err.status, err.message, err.param, err.code))
-    log.output_tokens = completion_tokens
     yield "data: [DONE]\n\n"
+
+
+def completion_stream(ctx: ServingContext, job: _Job, body: CompletionRequest, log: AccessLog) -> AsyncIterator[str]:
+    return _sse_stream(ctx, job, "text_completion", body, log, _completion_parts(ctx, job, body, log))
+
+
+async def _completion_parts(ctx: ServingContext, job: _Job, body: CompletionRequest, log: AccessLog):
+    n = job.params.n
+    token_text = ctx.llm.engine._token_str
+    trackers: dict[int, _CompletionLogprobs] = {}
+    started: set[int] = set()
+    async for i, out in _merged(ctx, job, log):
+        choices = []
+        new_tokens = 0
+        for c in out.outputs:
+            index = i * n + c.index
+            text, ids = c.delta_text, c.delta_token_ids
+            if job.drop_generated:
+                text, ids = "", []
+            logprobs = None
+            if body.logprobs is not None:
+                tracker = trackers.setdefault(index, _CompletionLogprobs(body.logprobs))
+                logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+                if body.echo and index not in started:
+                    prompt_entries = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+                    for key, value in tracker.add(out.prompt_token_ids, prompt_entries, token_text).items():
+                        logprobs[key].extend(value)
+                if ids:
+                    for key, value in tracker.add(ids, (c.logprobs or [])[len(c.token_ids) - len(ids):], token_text).items():
+                        logprobs[key].extend(value)
+            if body.echo and index not in started:
+                text = job.echo_texts[i] + text
+            started.add(index)
+            new_tokens += len(ids)
+            finish = ("length" if job.drop_generated else c.finish_reason) if c.finished else None
+            if text or finish is not None or (logprobs and logprobs["tokens"]):
+                choices.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish,
+                                "stop_reason": c.stop_reason if c.finished else None})
+        yield choices, new_tokens
 
 
 # ---- /v1/chat/completions ----------------------------------------------------------------------
@@ -412,58 +414,34 @@ async def chat_full(ctx: ServingContext, job: _Job, body: ChatCompletionRequest,
             "stop_reason": c.stop_reason,
         })
     log.output_tokens = completion_tokens
-    return {
-        "id": job.request_id,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": ctx.model_name,
-        "choices": choices,
-        "usage": _usage(log.prompt_tokens, completion_tokens),
-    }
+    return _envelope(ctx, job, "chat.completion", int(time.time()), choices, usage=_usage(log.prompt_tokens, completion_tokens))
 
 
-async def chat_stream(ctx: ServingContext, job: _Job, body: ChatCompletionRequest, log: AccessLog) -> AsyncIterator[str]:
-    created = int(time.time())
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    completion_tokens = 0
+def chat_stream(ctx: ServingContext, job: _Job, body: ChatCompletionRequest, log: AccessLog) -> AsyncIterator[str]:
+    return _sse_stream(ctx, job, "chat.completion.chunk", body, log, _chat_parts(ctx, job, body, log))
 
-    def chunk(choices: list[dict]) -> str:
-        data = {"id": job.request_id, "object": "chat.completion.chunk", "created": created, "model": ctx.model_name, "choices": choices}
-        if include_usage:
-            data["usage"] = None
-        return _sse(data)
 
-    try:
-        yield chunk([
-            {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-            for i in range(job.params.n)
-        ])
-        async for _, out in _merged(ctx, job, log):
-            choices = []
-            for c in out.outputs:
-                ids = c.delta_token_ids
-                completion_tokens += len(ids)
-                logprobs = None
-                if body.logprobs and ids:
-                    entries = (c.logprobs or [])[len(c.token_ids) - len(ids):]
-                    logprobs = {"content": _chat_logprobs(ids, entries, body.top_logprobs or 0)}
-                if c.delta_text or logprobs or c.finished:
-                    choices.append({
-                        "index": c.index,
-                        "delta": {"content": c.delta_text} if c.delta_text else {},
-                        "logprobs": logprobs,
-                        "finish_reason": c.finish_reason,
-                        "stop_reason": c.stop_reason,
-                    })
-            if choices:
-                yield chunk(choices)
-        log.output_tokens = completion_tokens
-        if include_usage:
-            yield _sse({"id": job.request_id, "object": "chat.completion.chunk", "created": created, "model": ctx.model_name,
-                        "choices": [], "usage": _usage(log.prompt_tokens, completion_tokens)})
-    except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
-        err = engine_error(exc)
-        yield _sse(error_body(err.status, err.message, err.param, err.code))
-    log.output_tokens = completion_tokens
-    yield "data: [DONE]\n\n"
-
+async def _chat_parts(ctx: ServingContext, job: _Job, body: ChatCompletionRequest, log: AccessLog):
+    yield [
+        {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        for i in range(job.params.n)
+    ], 0
+    async for _, out in _merged(ctx, job, log):
+        choices = []
+        new_tokens = 0
+        for c in out.outputs:
+            ids = c.delta_token_ids
+            new_tokens += len(ids)
+            logprobs = None
+            if body.logprobs and ids:
+                entries = (c.logprobs or [])[len(c.token_ids) - len(ids):]
+                logprobs = {"content": _chat_logprobs(ids, entries, body.top_logprobs or 0)}
+            if c.delta_text or logprobs or c.finished:
+                choices.append({
+                    "index": c.index,
+                    "delta": {"content": c.delta_text} if c.delta_text else {},
+                    "logprobs": logprobs,
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                })
+        yield choices, new_tokens
