@@ -44,6 +44,9 @@ from xllm.bench.serve import ServeBenchConfig, run_benchmark
 HERE = os.path.dirname(os.path.abspath(__file__))
 PEERS_DIR = os.environ.get("XLLM_PEERS_DIR", os.path.expanduser("~/.cache/xllm-peers"))
 GGUF_TYPES = {"float32": "F32", "bfloat16": "BF16"}
+# llama-server splits -c evenly over its -np slots: each slot must hold the longest request of
+# every workload (the ShareGPT-like mix goes to 1,024 prompt + 512 output tokens).
+SLOT_CONTEXT = 2048
 
 
 def run(cmd: list[str], **kw) -> str:
@@ -112,7 +115,7 @@ def servers(args, weights: dict, bin_dir: str | None, vllm_py: str | None, log_d
         if "llama.cpp" in args.peers and bin_dir:
             port = free_port()
             cmd = [os.path.join(bin_dir, "llama-server"), "-m", weights["llama.cpp"], "--host", "127.0.0.1", "--port", str(port),
-                   "-t", threads, "-tb", threads, "-np", str(slots), "-c", str(slots * (args.input_len + args.output_len + 64)),
+                   "-t", threads, "-tb", threads, "-np", str(slots), "-c", str(slots * SLOT_CONTEXT),
                    "--alias", "model", "--no-webui"]
             urls["llama.cpp"] = stack.enter_context(launch(cmd, port, log_dir)).url
         if "vllm" in args.peers and vllm_py:
@@ -143,8 +146,8 @@ def main() -> int:
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rates", default="0.25,0.5,1,2", help="request rates of the serving sweep (ShareGPT-like mix)")
-    ap.add_argument("--serving-prompts", type=int, default=48)
+    ap.add_argument("--rates", default="0.1,0.25,0.5", help="request rates of the serving sweep (ShareGPT-like mix)")
+    ap.add_argument("--serving-prompts", type=int, default=16)
     ap.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     ap.add_argument("--slo-tpot-ms", type=float, default=100.0)
     ap.add_argument("--workloads", default="offline,decode-1,serving")
@@ -235,9 +238,10 @@ def render(args, machine: dict, versions_: dict, results: dict, hf_folder: str, 
             if workload == "decode-1":
                 ratio = med / xllm if xllm else float("nan")  # time per token: lower is better
             else:
-                ratio = xllm / med if med else float("inf")
+                ratio = xllm / med if med else float("nan")
+            shown = f"{ratio:.2f}x" if ratio == ratio else "n/a"  # NaN: e.g. no engine met the SLO at any rate
             rows.append([f"{workload} ({units[workload]})", engine, f"{med:.3g}", " ".join(f"{v:.3g}" for v in values),
-                         "" if engine == "xllm" else f"{ratio:.2f}x"])
+                         "" if engine == "xllm" else shown])
     for engine, values in results.get("offline", {}).items():
         gflops = statistics.median(values) * flops_per_output_token / 1e9
         lines.append(f"offline, {engine}: {gflops:.0f} GFLOP/s effective = {gflops / peak:.1%} of the measured matmul peak")
