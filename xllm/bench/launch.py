@@ -9,10 +9,10 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-
-import httpx
 
 
 @dataclass
@@ -52,9 +52,10 @@ def launch(cmd: Sequence[str], port: int, log_dir: str, timeout: float = 300.0, 
             if process.poll() is not None:
                 raise RuntimeError(f"the server exited with {process.returncode}:\n{server.log()}")
             try:
-                if httpx.get(server.url + health, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
+                with urllib.request.urlopen(server.url + health, timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the server did not answer in {timeout} s:\n{server.log()}")
