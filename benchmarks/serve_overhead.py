@@ -29,7 +29,8 @@ import time
 from xllm import LLM, SamplingParams
 from xllm.bench.launch import launch_xllm
 from xllm.bench.report import table
-from xllm.bench.serve import ServeBenchConfig, Workload, run_benchmark
+from xllm.bench.serve import ServeBenchConfig, run_benchmark
+from xllm.bench.serve_workload import Workload
 
 
 def offline_throughput(llm: LLM, prompts: list[str], output_len: int) -> float:

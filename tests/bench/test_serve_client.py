@@ -17,16 +17,9 @@ import time
 import pytest
 from aiohttp import web
 
-from xllm.bench.serve import (
-    BenchRequest,
-    ServeBenchConfig,
-    ServerClient,
-    add_serve_args,
-    cmd_serve,
-    config_from_args,
-    format_report,
-    run_benchmark,
-)
+from xllm.bench.serve import ServeBenchConfig, ServerClient, add_serve_args, cmd_serve, config_from_args, run_benchmark
+from xllm.bench.serve_report import format_report
+from xllm.bench.serve_workload import BenchRequest
 
 DELAY_S = 0.004  # before each text chunk
 MODEL = "fake-model"

@@ -6,15 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from xllm.bench.serve import (
-    SHAREGPT_INPUT,
-    SHAREGPT_OUTPUT,
-    PromptText,
-    ServeBenchConfig,
-    Workload,
-    random_lengths,
-    sharegpt_lengths,
-)
+from xllm.bench.serve import ServeBenchConfig
 from xllm.bench.serve_stats import (
     SLO,
     RequestRecord,
@@ -23,6 +15,14 @@ from xllm.bench.serve_stats import (
     percentile,
     search_max_rate,
     summarize_run,
+)
+from xllm.bench.serve_workload import (
+    SHAREGPT_INPUT,
+    SHAREGPT_OUTPUT,
+    PromptText,
+    Workload,
+    random_lengths,
+    sharegpt_lengths,
 )
 
 

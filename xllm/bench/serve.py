@@ -30,65 +30,21 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import aiohttp
-import numpy as np
 
-from xllm.bench.report import table
+from xllm.bench.serve_report import format_report
 from xllm.bench.serve_stats import (
     SLO,
     SLO_RULE,
     RateSearch,
     RequestRecord,
-    arrival_offsets,
     search_max_rate,
     summarize_run,
 )
+from xllm.bench.serve_workload import DATASETS, ENDPOINTS, BenchRequest, Workload
 
 logger = logging.getLogger(__name__)
 
-ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
-DATASETS = ("random", "sharegpt", "shared-prefix")
 QUICK = dict(num_prompts=8, input_len=32, output_len=16, prefix_len=64, suffix_len=16, sweep_steps=2)
-
-# ShareGPT-like lengths: lognormal, i.e. exp(normal(mu, sigma)), so the median is exp(mu).
-# Input: median 200 tokens, sigma 1.0 (p90 ~720, mean ~330 before clipping), clipped to [4, 1024].
-# Output: median 150 tokens, sigma 0.9 (p90 ~475, mean ~225 before clipping), clipped to [4, 512].
-SHAREGPT_INPUT = dict(median=200, sigma=1.0, low=4, high=1024)
-SHAREGPT_OUTPUT = dict(median=150, sigma=0.9, low=4, high=512)
-
-# Common short English words that BPE vocabularies (Llama, Qwen, GPT-2, ...) hold as one token
-# each after a space: n of them joined by spaces make a prompt of about n tokens.
-WORDS = tuple(
-    """the of and to in is it that for on was with as be at by this have from or one had not but what
-    all were when we there can an your which their if do will each about how up out them then she
-    many some so these would other into has more her two like him see time could no make than first
-    been its who now people my made over did down only way find use may water long little very after
-    words called just where most know get through back much go good new write our me man too any day
-    same right look think also around another came come work three word must because does part even
-    place well such here take why help put different away again off went old number great tell men
-    say small every found still between name should home big give air line set own under read last
-    never us left end along while might next sound below saw something thought both few those always
-    show large often together asked house world going want school important until form food keep
-    children feet land side without boy once animal life enough took four head above kind began
-    almost live page got earth need far hand high year mother light country father let night picture
-    being study second soon story since white ever paper hard near sentence better best across during
-    today however sure knew try told young sun thing whole hear example heard several change answer
-    room sea against top turned learn point city play toward five himself usually money seen car
-    morning body upon family later turn move face door cut done group true half red fish plants
-    living black eat short run book gave order open ground cold really table remember tree course
-    front space inside ago early learned brought close nothing though idea before lived became add
-    become grow draw yet less wind behind cannot letter among able dog shown mean rest perhaps certain
-    six feel fire ready green yes built special ran full town complete person hot anything hold state
-    list stood hundred ten fast felt kept notice strong voice probably area horse matter stand box
-    start class piece surface river common stop talk whether fine round dark past ball girl road blue
-    instead either held already warm gone finally summer understand moon mind outside power problem
-    longer winter deep heavy follow beautiful everyone leave everything game system bring watch dry
-    within floor ice ship begin fact third quite carry distance although sat possible heart real
-    simple snow rain easy size wild weather sky main someone center field stay itself boat question
-    wide least hour happened foot care low else gold build glass rock tall alone bottom check reading
-    fall poor map friend language job music buy window mark heat grew listen ask single clear energy
-    week lost spring travel wrote farm circle bed measure straight base caught bright walk""".split()
-)
-
 
 @dataclass(frozen=True)
 class ServeBenchConfig:
@@ -160,152 +116,6 @@ class ServeBenchConfig:
         for failed, message in problems:
             if failed:
                 raise ValueError(message)
-
-
-# --- workload ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BenchRequest:
-    """One request's prompt and lengths."""
-
-    text: str  # the prompt (chat: the user message)
-    input_len: int  # prompt tokens aimed at, prefix included
-    output_len: int  # max_tokens
-    prefix: str = ""  # shared-prefix: the common system prompt (completions: put before `text`)
-
-
-class PromptText:
-    """Seeded prompt text of a given token length, from WORDS.
-
-    Without a tokenizer each word counts as one token, so lengths are approximate (the server's
-    chat template and tokenizer add or merge a few). With a tokenizer.json (tokenizers library)
-    only the words it holds as one token are used and each text is trimmed or extended until the
-    tokenizer counts exactly the length asked (without special tokens).
-    """
-
-    def __init__(self, tokenizer_path: str | None = None):
-        self._tokenizer = None
-        self.words: tuple[str, ...] = WORDS
-        if tokenizer_path is not None:
-            from tokenizers import Tokenizer
-
-            self._tokenizer = Tokenizer.from_file(tokenizer_path)
-            self.words = tuple(w for w in WORDS if self._single_token(w))
-            if len(self.words) < 2:
-                raise ValueError(f"{tokenizer_path}: too few common English words are single tokens")
-
-    @property
-    def exact(self) -> bool:
-        """True when lengths are counted by a tokenizer."""
-        return self._tokenizer is not None
-
-    def count(self, text: str) -> int:
-        """Tokens of `text` by the tokenizer, without special tokens (needs a tokenizer)."""
-        assert self._tokenizer is not None
-        return len(self._tokenizer.encode(text, add_special_tokens=False).ids)
-
-    def _single_token(self, word: str) -> bool:
-        """True when the tokenizer holds `word` after a space as one token of its own (not the unknown token)."""
-        assert self._tokenizer is not None
-        base = self._tokenizer.encode("a", add_special_tokens=False)
-        after = self._tokenizer.encode(f"a {word}", add_special_tokens=False)
-        return len(after.ids) == len(base.ids) + 1 and word in after.tokens[-1]
-
-    def _draw(self, rng: np.random.Generator, n: int) -> list[str]:
-        """`n` words drawn uniformly."""
-        return [self.words[i] for i in rng.integers(0, len(self.words), size=n)]
-
-    def make(self, rng: np.random.Generator, num_tokens: int, lead: Sequence[str] = ()) -> str:
-        """A text of about (with a tokenizer: exactly) `num_tokens` tokens, starting with the words `lead`."""
-        words = list(lead) + self._draw(rng, max(0, num_tokens - len(lead)))
-        if self._tokenizer is None:
-            return " ".join(words)
-        count = self.count(" ".join(words))
-        while count > num_tokens and len(words) > 1:
-            words.pop()
-            count = self.count(" ".join(words))
-        while count < num_tokens:
-            words += self._draw(rng, 1)
-            count = self.count(" ".join(words))
-        return " ".join(words)
-
-    def index_words(self, index: int, total: int) -> list[str]:
-        """`index` written in base len(words) with words as digits, as many as `total` needs: distinct texts."""
-        base, width = len(self.words), 1
-        while base**width < total:
-            width += 1
-        return [self.words[(index // base**k) % base] for k in range(width)]
-
-
-def random_lengths(
-    rng: np.random.Generator, n: int, input_len: int, output_len: int, range_ratio: float
-) -> list[tuple[int, int]]:
-    """(input, output) lengths, each uniform over the integers within +-range_ratio of its mean, at least 1."""
-
-    def draw(mean: int) -> np.ndarray:
-        low, high = max(1, round(mean * (1 - range_ratio))), max(1, round(mean * (1 + range_ratio)))
-        return rng.integers(low, high + 1, size=n)
-
-    return list(zip(draw(input_len).tolist(), draw(output_len).tolist()))
-
-
-def sharegpt_lengths(rng: np.random.Generator, n: int) -> list[tuple[int, int]]:
-    """(input, output) lengths drawn like ShareGPT conversations: SHAREGPT_INPUT and SHAREGPT_OUTPUT lognormals."""
-
-    def draw(median: float, sigma: float, low: int, high: int) -> np.ndarray:
-        return np.clip(np.rint(rng.lognormal(math.log(median), sigma, size=n)), low, high).astype(int)
-
-    return list(zip(draw(**SHAREGPT_INPUT).tolist(), draw(**SHAREGPT_OUTPUT).tolist()))
-
-
-# Streams of the seed: each purpose has its own, so that changing one leaves the others alone.
-_PROMPTS, _WARMUP, _ARRIVALS = 0, 1, 2
-
-
-class Workload:
-    """The requests and arrival times of every run, all from the config's seed.
-
-    Each load point gets its own prompts (the same for every server at that point), so that a
-    server's prefix cache does not serve one run the prompts of an earlier one; the warm-up
-    requests are different again.
-    """
-
-    def __init__(self, cfg: ServeBenchConfig):
-        self.cfg = cfg
-        self.text = PromptText(cfg.tokenizer)
-
-    def requests(self, point: int) -> list[BenchRequest]:
-        """The `num_prompts` requests of load point `point`."""
-        return self._make(np.random.default_rng([self.cfg.seed, _PROMPTS, point]), self.cfg.num_prompts)
-
-    def warmup_requests(self) -> list[BenchRequest]:
-        """The `warmup` untimed requests sent to each server first."""
-        return self._make(np.random.default_rng([self.cfg.seed, _WARMUP]), self.cfg.warmup)
-
-    def arrivals(self, rate: float, point: int) -> list[float]:
-        """Send offsets in seconds of load point `point`'s requests at `rate` requests/s."""
-        return arrival_offsets(self.cfg.num_prompts, rate, np.random.default_rng([self.cfg.seed, _ARRIVALS, point]))
-
-    def _make(self, rng: np.random.Generator, n: int) -> list[BenchRequest]:
-        """`n` requests of the configured dataset."""
-        cfg = self.cfg
-        if cfg.dataset == "shared-prefix":
-            prefix = self.text.make(rng, cfg.prefix_len) if cfg.prefix_len else ""
-            return [
-                BenchRequest(
-                    text=self.text.make(rng, cfg.suffix_len, lead=self.text.index_words(i, n)),
-                    input_len=cfg.prefix_len + cfg.suffix_len,
-                    output_len=cfg.output_len,
-                    prefix=prefix,
-                )
-                for i in range(n)
-            ]
-        if cfg.dataset == "sharegpt":
-            lengths = sharegpt_lengths(rng, n)
-        else:
-            lengths = random_lengths(rng, n, cfg.input_len, cfg.output_len, cfg.range_ratio)
-        return [BenchRequest(self.text.make(rng, i), i, o) for i, o in lengths]
 
 
 # --- the HTTP client --------------------------------------------------------------------------
@@ -645,116 +455,6 @@ def write_outputs(report: dict, cfg: ServeBenchConfig) -> None:
     with open(json_path, "w") as f:
         json.dump(_json_safe(report), f, indent=2, allow_nan=False)
         f.write("\n")
-
-
-# --- the printed report -----------------------------------------------------------------------
-
-
-def _ms(value: float | None) -> str:
-    """Milliseconds with three significant digits, "-" when missing."""
-    return "-" if value is None else f"{value:.3g}" if value < 100 else f"{value:.0f}"
-
-
-def _rate(value: float | None) -> str:
-    """A request rate ("inf" for all at once, "-" when missing)."""
-    return "-" if value is None else f"{value:g}"
-
-
-def _verdict(met: bool | None) -> str:
-    """yes / no / - (no SLO)."""
-    return "-" if met is None else "yes" if met else "no"
-
-
-def header_lines(report: dict) -> list[str]:
-    """Date, machine, workload, arrivals, servers and SLO."""
-    cfg, m = report["config"], report["machine"]
-    if cfg["dataset"] == "shared-prefix":
-        lengths = (f"~{cfg['prefix_len']}-token shared prefix + ~{cfg['suffix_len']}-token question, "
-                   f"{cfg['output_len']} output tokens")
-    elif cfg["dataset"] == "sharegpt":
-        lengths = "ShareGPT-like lognormal lengths (input median ~200, output median ~150 tokens)"
-    else:
-        spread = f" (+-{100 * cfg['range_ratio']:g}%)" if cfg["range_ratio"] else ""
-        lengths = f"~{cfg['input_len']} input, {cfg['output_len']} output tokens{spread}"
-    exact = "exact lengths by tokenizer" if cfg["tokenizer"] else "lengths approximate"
-    eos = ", EOS ignored" if cfg["ignore_eos"] else ""
-    cap = cfg["max_concurrency"]
-    if cfg["sweep_auto"]:
-        load = (f"Poisson, automatic rate search from {cfg['sweep_start_rate']:g} req/s (doubling up to "
-                f"{cfg['sweep_max_rate']:g}, then {cfg['sweep_steps']} bisections)")
-    elif cap and all(math.isinf(r) for r in cfg["request_rates"]):
-        load = f"closed loop, {cap} clients each sending its next request when the previous one ends"
-        cap = None
-    else:
-        rates = cfg["request_rates"]
-        load = f"Poisson at {', '.join(_rate(r) for r in rates)} req/s"
-        if any(math.isinf(r) for r in rates):
-            load += " (inf = all at once)"
-    load += f", at most {cap} in flight" if cap else ""
-    lines = [
-        f"xLLM serve benchmark  {m['date']}{'  (quick)' if cfg['quick'] else ''}",
-        f"client: {m['platform']}, {m['cpu_count']} CPUs, Python {m['python']}",
-        f"workload: {cfg['num_prompts']} requests per run, {cfg['dataset']} dataset: {lengths} ({exact}); "
-        f"{ENDPOINTS[cfg['endpoint']]}, streamed, greedy{eos}",
-        f"arrivals: {load}; {cfg['warmup']} untimed warm-up request(s) per server",
-    ]
-    lines += [f"server {s['label']}: {s['base_url']}, model {s['model']}" for s in report["servers"]]
-    slo = report["slo"]
-    if slo:
-        bounds = [f"{name} <= {slo[key]:g} ms" for name, key in (("TTFT", "ttft_ms"), ("TPOT", "tpot_ms"),
-                                                                  ("E2E", "e2e_ms")) if slo[key] is not None]
-        lines.append(f"SLO: {', '.join(bounds)}; {slo['rule']}")
-    return lines
-
-
-def runs_table(report: dict) -> str:
-    """One row per server and rate: counts, throughputs, latency medians and p99s, goodput, verdict."""
-    rows = [[
-        "server", "rate", "done", "failed", "req/s", "out tok/s", "total tok/s", "TTFT p50", "TTFT p99",
-        "TPOT p50", "TPOT p99", "ITL p50", "ITL p99", "E2E p50", "E2E p99", "goodput", "SLO",
-    ]]
-    order = {s["label"]: i for i, s in enumerate(report["servers"])}
-    for run in sorted(report["runs"], key=lambda r: (order[r["label"]], r["request_rate"])):
-        s = run["summary"]
-        rows.append([
-            run["label"],
-            _rate(run["request_rate"]),
-            str(s["completed"]),
-            str(s["failed"]),
-            f"{s['request_throughput']:.3g}",
-            f"{s['output_throughput']:.1f}",
-            f"{s['total_token_throughput']:.1f}",
-            *(_ms(s[metric][q]) for metric in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms") for q in ("median", "p99")),
-            "-" if s["goodput"] is None else f"{s['goodput']:.3g}",
-            _verdict(s["meets_slo"]),
-        ])
-    return table(rows)
-
-
-def best_lines(report: dict) -> list[str]:
-    """The highest request rate that met the SLO, per server."""
-    lines = []
-    for label, best in report["best_rate"].items():
-        if best["rate"] is None:
-            lines.append(f"  {label}: no rate tried met the SLO")
-        else:
-            capped = " (every rate tried met it: the limit is higher)" if best["capped"] else ""
-            lines.append(f"  {label}: {_rate(best['rate'])} req/s{capped}")
-    return lines
-
-
-def format_report(report: dict) -> str:
-    """The whole printed report."""
-    lines = [
-        *header_lines(report),
-        "",
-        "Runs (rate and goodput in req/s, latencies in ms: TTFT to first text, TPOT per later token, "
-        "ITL between chunks, E2E whole request)",
-        runs_table(report),
-    ]
-    if report["best_rate"]:
-        lines += ["", "Highest request rate meeting the SLO", *best_lines(report)]
-    return "\n".join(lines)
 
 
 # --- command line -----------------------------------------------------------------------------
