@@ -190,7 +190,8 @@ class LLMEngine:
         return [self._output(g) for g in changed.values()]
 
     # ---- outputs --------------------------------------------------------------------------
-    def _token_str(self, token_id: int) -> str | None:
+    def token_text(self, token_id: int) -> str | None:
+        """One token decoded alone, special tokens included (cached); None without a tokenizer."""
         if self.tokenizer is None:
             return None
         text = self._token_text.get(token_id)
@@ -200,7 +201,7 @@ class LLMEngine:
 
     def _position_logprobs(self, entry: TokenLogprobs) -> PositionLogprobs:
         return {
-            tid: Logprob(lp, rank, self._token_str(tid))
+            tid: Logprob(lp, rank, self.token_text(tid))
             for tid, lp, rank in zip(entry.token_ids, entry.logprobs, entry.ranks)
         }
 

@@ -143,8 +143,6 @@ def prepare_completion(ctx: ServingContext, body: CompletionRequest) -> _Job:
             prompts.append(engine.tokenize_prompt(p))
         except ValueError as exc:
             raise bad_request(str(exc), "prompt") from None
-    if body.logprobs is not None and not 0 <= body.logprobs <= 20:
-        raise bad_request(f"logprobs must be in [0, 20], got {body.logprobs}", "logprobs")
     max_tokens = body.max_tokens
     drop = False
     if max_tokens == 0 and body.echo:
@@ -189,11 +187,9 @@ def prepare_chat(ctx: ServingContext, body: ChatCompletionRequest) -> _Job:
 
 
 # ---- running them ------------------------------------------------------------------------------
-async def _merged(ctx: ServingContext, job: _Job, log: AccessLog) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def _merged(ctx: ServingContext, job: _Job) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Outputs of every prompt of the job as (prompt index, output), as they come."""
     arrival = time.monotonic()
-    log.request_id = job.request_id
-    log.prompt_tokens = sum(len(p) for p in job.prompts)
     gens = [
         ctx.llm.generate(ids, job.params, job.request_id if len(job.prompts) == 1 else f"{job.request_id}-{i}", arrival)
         for i, ids in enumerate(job.prompts)
@@ -306,10 +302,10 @@ def _chat_logprobs(token_ids: list[int], entries: list[PositionLogprobs], k: int
 async def completion_full(ctx: ServingContext, job: _Job, body: CompletionRequest, log: AccessLog) -> dict:
     n = job.params.n
     finals: dict[int, RequestOutput] = {}
-    async for i, out in _merged(ctx, job, log):
+    async for i, out in _merged(ctx, job):
         if out.finished:
             finals[i] = out
-    token_text = ctx.llm.engine._token_str
+    token_text = ctx.llm.engine.token_text
     choices = []
     completion_tokens = 0
     for i in range(len(job.prompts)):
@@ -363,10 +359,10 @@ def completion_stream(ctx: ServingContext, job: _Job, body: CompletionRequest, l
 
 async def _completion_parts(ctx: ServingContext, job: _Job, body: CompletionRequest, log: AccessLog):
     n = job.params.n
-    token_text = ctx.llm.engine._token_str
+    token_text = ctx.llm.engine.token_text
     trackers: dict[int, _CompletionLogprobs] = {}
     started: set[int] = set()
-    async for i, out in _merged(ctx, job, log):
+    async for i, out in _merged(ctx, job):
         choices = []
         new_tokens = 0
         for c in out.outputs:
@@ -399,7 +395,7 @@ async def _completion_parts(ctx: ServingContext, job: _Job, body: CompletionRequ
 # ---- /v1/chat/completions ----------------------------------------------------------------------
 async def chat_full(ctx: ServingContext, job: _Job, body: ChatCompletionRequest, log: AccessLog) -> dict:
     final = None
-    async for _, out in _merged(ctx, job, log):
+    async for _, out in _merged(ctx, job):
         if out.finished:
             final = out
     choices = []
@@ -426,7 +422,7 @@ async def _chat_parts(ctx: ServingContext, job: _Job, body: ChatCompletionReques
         {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
         for i in range(job.params.n)
     ], 0
-    async for _, out in _merged(ctx, job, log):
+    async for _, out in _merged(ctx, job):
         choices = []
         new_tokens = 0
         for c in out.outputs:
