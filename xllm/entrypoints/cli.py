@@ -40,6 +40,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences running at once (default 64)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     g.add_argument("--seed", type=int, default=0, help="engine seed for requests without their own seed (default 0)")
+    g.add_argument(
+        "--no-compiled-kernels",
+        dest="compiled_kernels",
+        action="store_false",
+        help="run every matmul through torch, not the C++ kernels built by `xllm build-kernels`",
+    )
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log verbosity on stderr (default info)")
 
 
@@ -54,6 +60,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_num_seqs=args.max_num_seqs,
         num_threads=args.threads,
         seed=args.seed,
+        compiled_kernels=args.compiled_kernels,
     )
 
 
@@ -128,6 +135,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_kernels(args: argparse.Namespace) -> int:
+    from xllm.ops import cpu_kernels
+
+    try:
+        cpu_kernels.build(verbose=args.verbose)
+    except (RuntimeError, OSError, ImportError) as exc:  # no compiler or ninja: torch path stays
+        print(f"error: the CPU kernels did not build ({exc}); xLLM runs on torch alone", file=sys.stderr)
+        return 1
+    print(cpu_kernels.build_dir())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xllm", description="xLLM: LLM inference engine and server")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,6 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_models_parser(sub)
     add_convert_parser(sub)
     add_bench_parser(sub)
+    bk = sub.add_parser(
+        "build-kernels",
+        help="compile the C++ CPU kernels into the cache (done by scripts/setup.sh)",
+        description="Compile xLLM's C++ CPU kernels (xllm/ops/csrc) for this CPU and torch into the cache "
+        "folder; about a minute on 2 cores, once. Without them xLLM runs on torch alone.",
+    )
+    bk.add_argument("--verbose", action="store_true", help="show the compiler's output")
+    bk.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    bk.set_defaults(func=cmd_build_kernels)
     return parser
 
 

@@ -18,6 +18,7 @@ from xllm.layers.norm import RMSNorm
 from xllm.layers.rotary import RotaryEmbedding
 from xllm.models.arch_config import ArchConfig
 from xllm.models.loader.errors import ModelLoadError
+from xllm.ops import cpu_kernels
 
 
 class LlamaAttention(nn.Module):
@@ -122,7 +123,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> float32 logits [N, vocab]."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return cpu_kernels.linear(hidden, weight).float()
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]

@@ -1,0 +1,108 @@
+"""The compiled CPU kernels against their torch reference, and the dispatch around them."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from xllm.ops import cpu_kernels
+
+ROWS = [1, 2, 3, 4, 5, 7, 8, 13, 32, 64]
+SHAPES = [(1, 8), (3, 13), (4, 576), (5, 100), (12, 1536), (960, 576), (1001, 17), (97, 64)]  # (N, K)
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    module = cpu_kernels.load() or cpu_kernels.build()
+    assert module is not None
+    return module
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_matches_torch_over_shapes(kernels, dtype, bias):
+    g = torch.Generator().manual_seed(0)
+    for n, k in SHAPES:
+        w = torch.randn(n, k, generator=g).to(dtype)
+        b = torch.randn(n, generator=g).to(dtype) if bias else None
+        for m in ROWS:
+            x = torch.randn(m, k, generator=g).to(dtype)
+            got = cpu_kernels.gemv(x, w, b)
+            assert got.dtype == torch.float32 and got.shape == (m, n)
+            ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+            # float32 accumulation over k terms of size ~1: error grows like sqrt(k) ulps.
+            torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5 * k**0.5, msg=f"M={m} N={n} K={k}")
+
+
+def test_gemv_reads_strided_activations(kernels):
+    w = torch.randn(40, 24)
+    x = torch.randn(24, 6).t()  # [6, 24], not contiguous
+    torch.testing.assert_close(cpu_kernels.gemv(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_gemv_rejects_bad_input(kernels):
+    with pytest.raises(RuntimeError):
+        cpu_kernels.gemv(torch.randn(2, 8), torch.randn(4, 9))
+    with pytest.raises(RuntimeError):
+        cpu_kernels.gemv(torch.randn(2, 8), torch.randn(8, 4).t())  # weight not contiguous
+    with pytest.raises(RuntimeError):
+        cpu_kernels.gemv(torch.randn(2, 8).half(), torch.randn(4, 8).half())
+
+
+def test_linear_dispatch(monkeypatch):
+    calls = []
+
+    def fake_gemv(x, w, b):
+        calls.append(x.shape[0])
+        return F.linear(x.float(), w.float(), b)
+
+    monkeypatch.setattr(cpu_kernels, "_module", types.SimpleNamespace(gemv=fake_gemv))
+    monkeypatch.setattr(cpu_kernels, "_enabled", True)
+    w = torch.randn(16, 8)
+    for m in (1, cpu_kernels.GEMV_MAX_ROWS, cpu_kernels.GEMV_MAX_ROWS + 1):
+        out = cpu_kernels.linear(torch.randn(m, 8), w)
+        assert out.shape == (m, 16) and out.dtype == torch.float32
+    assert calls == [1, cpu_kernels.GEMV_MAX_ROWS]  # the large batch went to torch
+    out = cpu_kernels.linear(torch.randn(2, 8).bfloat16(), w.bfloat16())
+    assert out.dtype == torch.bfloat16 and calls[-1] == 2  # result cast back to the activations' dtype
+    cpu_kernels.linear(torch.randn(2, 8).half(), w.half())  # float16 weights: torch
+    cpu_kernels.linear(torch.randn(2, 3, 8), w)  # not 2-D: torch
+    cpu_kernels.set_enabled(False)
+    cpu_kernels.linear(torch.randn(1, 8), w)
+    assert calls == [1, cpu_kernels.GEMV_MAX_ROWS, 2]
+
+
+def test_load_without_a_build_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_kernels, "_module", None)
+    assert cpu_kernels.load(str(tmp_path)) is None
+    assert not cpu_kernels.active()
+    w, x = torch.randn(4, 8), torch.randn(1, 8)
+    torch.testing.assert_close(cpu_kernels.linear(x, w), F.linear(x, w))
+
+
+def test_build_name_tracks_the_cpu(monkeypatch):
+    a = cpu_kernels.build_name()
+    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: "fpu sse2")
+    assert cpu_kernels.build_name() != a
+
+
+@pytest.mark.slow
+def test_engine_output_same_with_and_without_kernels(kernels):
+    from xllm import LLM, SamplingParams
+
+    params = SamplingParams(max_tokens=12, temperature=0, logprobs=3, ignore_eos=True)
+    prompts = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,"]
+    runs = {}
+    for on in (True, False):
+        llm = LLM(dtype="float32", kv_cache_memory_gib=0.1, compiled_kernels=on)
+        assert cpu_kernels.active() is on
+        runs[on] = llm.generate(prompts, params)
+    cpu_kernels.set_enabled(True)
+    for a, b in zip(runs[True], runs[False]):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            for tok, lp in la.items():
+                assert abs(lp.logprob - lb[tok].logprob) < 1e-3

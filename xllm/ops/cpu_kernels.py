@@ -1,0 +1,142 @@
+"""Compiled CPU kernels (C++ under `csrc/`), built once at install time, with torch as fallback.
+
+`build()` compiles `csrc/*.cpp` with torch's extension tooling (a C++ compiler and ninja) into
+the cache folder, keyed by the sources, the torch version and the CPU's instruction-set flags
+(the code is built with `-march=native`). `scripts/setup.sh` runs it (`xllm build-kernels`).
+At run time `load()` only imports what was built; it never compiles, so a machine without a
+compiler, or a build that failed, runs the pure-torch path, which is also the tests' reference.
+
+`linear(x, w, bias)` is the one entry the model uses for every projection and the LM head: for a
+skinny batch (up to `GEMV_MAX_ROWS` rows, i.e. decode) of float32/bfloat16 weights it streams
+each weight once through `gemv`; otherwise, or without the kernels, it is `F.linear`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from xllm.config import default_cache_dir
+
+logger = logging.getLogger(__name__)
+
+_CSRC = os.path.join(os.path.dirname(__file__), "csrc")
+_SOURCES = ("gemv.cpp",)
+_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+GEMV_MAX_ROWS = 32  # up to here the kernel beats torch's GEMM; at 64 they tie (benchmarks/gemv.py)
+
+_module = None  # the loaded extension, or None (torch path)
+_enabled = True
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build_name() -> str:
+    """Extension name: changes with the sources, the compile flags, torch and the CPU."""
+    h = hashlib.sha256()
+    for name in _SOURCES:
+        with open(os.path.join(_CSRC, name), "rb") as f:
+            h.update(f.read())
+    h.update(" ".join(_CFLAGS).encode())
+    h.update(torch.__version__.encode())
+    h.update(sys.version.encode())
+    h.update(_cpu_flags().encode())
+    return f"xllm_cpu_kernels_{h.hexdigest()[:16]}"
+
+
+def build_dir(cache_dir: str | None = None) -> str:
+    return os.path.join(cache_dir or default_cache_dir(), "kernels", build_name())
+
+
+def _library_path(cache_dir: str | None = None) -> str:
+    return os.path.join(build_dir(cache_dir), build_name() + ".so")
+
+
+def build(cache_dir: str | None = None, verbose: bool = False):
+    """Compile the kernels (about a minute on 2 cores) unless already built; returns the module."""
+    global _module
+    from torch.utils import cpp_extension
+
+    folder = build_dir(cache_dir)
+    os.makedirs(folder, exist_ok=True)
+    start = time.perf_counter()
+    _module = cpp_extension.load(
+        build_name(),
+        [os.path.join(_CSRC, s) for s in _SOURCES],
+        extra_cflags=_CFLAGS,
+        extra_ldflags=["-fopenmp"],
+        build_directory=folder,
+        verbose=verbose,
+    )
+    logger.info("CPU kernels ready in %s (%.1f s)", folder, time.perf_counter() - start)
+    return _module
+
+
+def load(cache_dir: str | None = None):
+    """Import the built kernels if present (never compiles); returns the module or None."""
+    global _module
+    if _module is not None:
+        return _module
+    path = _library_path(cache_dir)
+    if not os.path.exists(path):
+        logger.info("compiled CPU kernels are not built (run `xllm build-kernels`); using torch")
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location(build_name(), path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except (ImportError, OSError) as e:
+        logger.warning("could not load the CPU kernels from %s (%s); using torch", path, e)
+        return None
+    _module = module
+    return module
+
+
+def set_enabled(enabled: bool) -> None:
+    """Turn the compiled path on or off process-wide (off = pure torch, the reference)."""
+    global _enabled
+    _enabled = enabled
+
+
+def active() -> bool:
+    return _enabled and _module is not None
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The compiled kernel itself: [M, K] x [N, K] -> [M, N] float32. Requires `load()`/`build()`."""
+    if _module is None:
+        raise RuntimeError("CPU kernels not loaded")
+    return _module.gemv(x, w, bias)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, w, bias)` with the decode-shaped case on the compiled kernel when available."""
+    if (
+        _enabled
+        and _module is not None
+        and x.dim() == 2
+        and 0 < x.shape[0] <= GEMV_MAX_ROWS
+        and x.device.type == "cpu"
+        and w.dtype in (torch.float32, torch.bfloat16)
+        and x.dtype == w.dtype
+        and w.is_contiguous()
+    ):
+        return _module.gemv(x, w, bias).to(x.dtype)
+    return F.linear(x, w, bias)
