@@ -11,6 +11,7 @@ whole model) and print microseconds and the weight bandwidth each reaches. This 
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import torch
@@ -30,11 +31,19 @@ def timed(fn, iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
+def measure(n: int, k: int, m: int, ws: list[torch.Tensor]) -> tuple[float, float]:
+    """Seconds per product for F.linear and the kernel, cycling through the weight copies."""
+    x = torch.randn(m, k).to(ws[0].dtype)
+    cycle = itertools.cycle(ws)
+    iters = max(5, int(2e8 // ws[0].nbytes))
+    return timed(lambda: F.linear(x, next(cycle)), iters), timed(lambda: cpu_kernels.gemv(x, next(cycle)), iters)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -43,24 +52,10 @@ def main() -> None:
     print(f"{'shape':>8} {'N x K':>12} {'rows':>4} {'torch us':>9} {'kernel us':>9} {'torch GB/s':>10} {'kernel GB/s':>11} {'speedup':>7}")
     for name, (n, k) in SHAPES.items():
         nbytes = n * k * dtype.itemsize
-        copies = max(1, int(600e6 // nbytes))
-        ws = [torch.randn(n, k).to(dtype) for _ in range(copies)]
+        ws = [torch.randn(n, k).to(dtype) for _ in range(max(1, int(600e6 // nbytes)))]
         for m in args.rows:
-            x = torch.randn(m, k).to(dtype)
-            i = [0]
-
-            def ref():
-                i[0] = (i[0] + 1) % copies
-                return F.linear(x, ws[i[0]])
-
-            def ker():
-                i[0] = (i[0] + 1) % copies
-                return cpu_kernels.gemv(x, ws[i[0]])
-
-            iters = max(5, int(2e8 // nbytes))
-            a, b = timed(ref, iters), timed(ker, iters)
+            a, b = measure(n, k, m, ws)
             print(f"{name:>8} {f'{n}x{k}':>12} {m:>4} {a * 1e6:>9.0f} {b * 1e6:>9.0f} {nbytes / a / 1e9:>10.1f} {nbytes / b / 1e9:>11.1f} {a / b:>6.2f}x")
-        del ws
 
 
 if __name__ == "__main__":
