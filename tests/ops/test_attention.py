@@ -3,6 +3,7 @@ import random
 import pytest
 import torch
 
+from xllm.ops import cpu_kernels
 from xllm.ops.attention import (
     AttentionMetadata,
     build_decode_mask,
@@ -12,19 +13,27 @@ from xllm.ops.attention import (
 )
 
 
-def run_case(seed: int, heads: int, kv_heads: int, block_size: int, dtype=torch.float32):
+@pytest.fixture(params=[False, True], ids=["torch", "kernels"])
+def kernels(request, monkeypatch):
+    """Run each case on the torch reference and on the compiled decode kernel."""
+    if request.param:
+        assert cpu_kernels.load() is not None  # built by the session fixture
+    monkeypatch.setattr(cpu_kernels, "_enabled", request.param)
+    return request.param
+
+
+def run_case(seed: int, heads: int, kv_heads: int, block_size: int, dtype=torch.float32, d: int = 16, only_decodes=False):
     """A mixed batch: fresh prefills, chunked prefills over cached context, and decodes."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    d = 16
     num_blocks = 256
     cache = torch.zeros(2, num_blocks, block_size, kv_heads, d, dtype=dtype)
     free = list(range(num_blocks))
     rng.shuffle(free)
     seqs = []  # (total_len, new_len)
     for _ in range(rng.randint(1, 6)):
-        kind = rng.choice(["fresh", "chunk", "decode"])
-        total = rng.randint(2, 40)
+        kind = "decode" if only_decodes else rng.choice(["fresh", "chunk", "decode"])
+        total = rng.randint(2, 300) if only_decodes else rng.randint(2, 40)
         new = {"fresh": total, "chunk": rng.randint(2, total), "decode": 1}[kind]
         if kind == "chunk" and new == total:
             new = total - 1 if total > 2 else total
@@ -64,6 +73,7 @@ def run_case(seed: int, heads: int, kv_heads: int, block_size: int, dtype=torch.
         decode_block_tables=table_t,
         decode_mask=build_decode_mask(torch.tensor(decode_lens), width, block_size, torch.float32) if decode_rows else None,
         block_size=block_size,
+        decode_seq_lens=torch.tensor(decode_lens, dtype=torch.long),
     )
     scale = d**-0.5
     out = paged_attention(torch.cat(q_rows), torch.cat(k_rows), torch.cat(v_rows), cache, md, scale)
@@ -77,10 +87,29 @@ def run_case(seed: int, heads: int, kv_heads: int, block_size: int, dtype=torch.
 @pytest.mark.parametrize("seed", range(12))
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (8, 1)])
 @pytest.mark.parametrize("block_size", [1, 4, 16])
-def test_paged_attention_matches_dense_reference(seed, heads, kv_heads, block_size):
+def test_paged_attention_matches_dense_reference(seed, heads, kv_heads, block_size, kernels):
     run_case(seed, heads, kv_heads, block_size)
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_paged_attention_bfloat16(seed):
+def test_paged_attention_bfloat16(seed, kernels):
     run_case(seed, 6, 2, 8, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("heads,kv_heads,d", [(9, 3, 64), (8, 8, 32), (16, 2, 12), (4, 1, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_only_batches(seed, heads, kv_heads, d, dtype, kernels):
+    """Decode-only steps (the kernel's fast path: no gather or scatter of rows), longer contexts,
+    head sizes that are and are not multiples of the vector width."""
+    run_case(seed, heads, kv_heads, 16, dtype=dtype, d=d, only_decodes=True)
+
+
+def test_decode_kernel_rejects_bad_tables():
+    assert cpu_kernels.load() is not None
+    cache = torch.zeros(2, 4, 16, 1, 8)
+    q = torch.randn(1, 2, 8)
+    with pytest.raises(RuntimeError, match="block id"):
+        cpu_kernels.paged_decode_attention(q, cache, torch.tensor([[7]]), torch.tensor([3]), 1.0)
+    with pytest.raises(RuntimeError, match="seq_len"):
+        cpu_kernels.paged_decode_attention(q, cache, torch.tensor([[0]]), torch.tensor([17]), 1.0)

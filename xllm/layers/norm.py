@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from xllm.ops import cpu_kernels
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6):
@@ -14,6 +16,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """x: [..., hidden]. With `residual`, normalizes x + residual and also returns that sum."""
+        fused = cpu_kernels.rms_norm(x, residual, self.weight, self.eps)
+        if fused is not None:
+            return fused[0] if residual is None else fused
         if residual is not None:
             x = x + residual
             residual = x

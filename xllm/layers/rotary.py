@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from xllm.ops import cpu_kernels
+
 
 def _inv_freq(head_dim: int, base: float, scaling: dict | None) -> torch.Tensor:
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
@@ -50,5 +52,7 @@ class RotaryEmbedding(nn.Module):
     @staticmethod
     def apply(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """q: [T, H, D]; k: [T, Hkv, D]; cos/sin from `cos_sin`. Returns rotated (q, k)."""
+        if cpu_kernels.rope_(q, k, cos, sin):
+            return q, k
         rotate = RotaryEmbedding._rotate_half
         return q * cos + rotate(q) * sin, k * cos + rotate(k) * sin

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from xllm.ops import cpu_kernels
+
 
 @dataclass
 class PrefillSeq:
@@ -36,6 +38,7 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor  # [Bd, max_blocks] long (padded with block 0)
     decode_mask: torch.Tensor | None  # [Bd, 1, 1, max_blocks * block_size] float additive (0 / -inf)
     block_size: int
+    decode_seq_lens: torch.Tensor | None = None  # [Bd] long: tokens in cache incl. the new one
 
 
 def build_prefill(q_start: int, q_len: int, context_len: int, block_ids: torch.Tensor) -> PrefillSeq:
@@ -90,6 +93,17 @@ def paged_attention(
         )
         out[rows] = o.squeeze(0).transpose(0, 1)
     if md.decode_rows.numel():
+        fast = None
+        if md.decode_seq_lens is not None:
+            only_decodes = not md.prefills  # then row i of q is decode i: no gather, no scatter
+            fast = cpu_kernels.paged_decode_attention(
+                q if only_decodes else q[md.decode_rows], kv_cache, md.decode_block_tables, md.decode_seq_lens, scale
+            )
+            if fast is not None and only_decodes:
+                return fast
+        if fast is not None:
+            out[md.decode_rows] = fast
+            return out
         # One query per sequence: the G = H / Hkv query heads sharing a KV head are stacked as G query
         # rows against that head's keys, so GQA needs no copy of K/V per query head.
         bd, h = md.decode_rows.shape[0], q.shape[1]

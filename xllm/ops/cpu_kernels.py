@@ -29,7 +29,8 @@ from xllm.config import default_cache_dir
 logger = logging.getLogger(__name__)
 
 _CSRC = os.path.join(os.path.dirname(__file__), "csrc")
-_SOURCES = ("gemv.cpp",)
+_SOURCES = ("gemv.cpp", "attention.cpp", "norm.cpp", "rope.cpp", "bindings.cpp")
+_HEADERS = ("common.h", "ops.h")
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 GEMV_MAX_ROWS = 32  # up to here the kernel beats torch's GEMM; at 64 they tie (benchmarks/gemv.py)
 
@@ -51,7 +52,7 @@ def _cpu_flags() -> str:
 def build_name() -> str:
     """Extension name: changes with the sources, the compile flags, torch and the CPU."""
     h = hashlib.sha256()
-    for name in _SOURCES:
+    for name in _SOURCES + _HEADERS:
         with open(os.path.join(_CSRC, name), "rb") as f:
             h.update(f.read())
     h.update(" ".join(_CFLAGS).encode())
@@ -140,3 +141,30 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     ):
         return _module.gemv(x, w, bias).to(x.dtype)
     return F.linear(x, w, bias)
+
+
+def paged_decode_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float
+) -> torch.Tensor | None:
+    """Decode attention read in place from the paged cache ([B, H, D] in q's dtype), or None when the
+    kernels are off or the cache dtype is not theirs (the caller then runs the torch reference)."""
+    if not (_enabled and _module is not None and kv_cache.dtype in (torch.float32, torch.bfloat16)):
+        return None
+    return _module.paged_decode_attention(q, kv_cache, block_tables, seq_lens, scale).to(q.dtype)
+
+
+def rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Fused (x + residual) -> RMSNorm, float32 only; None when the torch path must run."""
+    if not (_enabled and _module is not None and x.dtype == torch.float32 and weight.dtype == torch.float32):
+        return None
+    return _module.rms_norm(x, residual, weight, eps)
+
+
+def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Rotary embedding in place on float32 q/k views; False when the torch path must run."""
+    if not (_enabled and _module is not None and q.dtype == torch.float32 and k.dtype == torch.float32):
+        return False
+    _module.rope_(q, k, cos, sin)
+    return True

@@ -89,6 +89,7 @@ class ModelRunner:
             decode_block_tables=table,
             decode_mask=decode_mask,
             block_size=bs,
+            decode_seq_lens=torch.tensor(decode_lens, dtype=torch.long),
         )
         return torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long), md, sample_rows
 

@@ -5,35 +5,11 @@
 // reads every weight once, doing the M dot products for a row from one load of it; AVX2/FMA where
 // the compiler targets it, a plain loop otherwise. Weights in float32 or bfloat16 (widened to
 // float32 in registers); accumulation is float32. The pure-torch path (F.linear) stays the
-// reference and the fallback (xllm/ops/gemv.py).
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+// reference and the fallback (xllm/ops/cpu_kernels.py).
+#include "common.h"
 
-#include <cstdint>
-
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define XLLM_AVX2 1
-#endif
-
+namespace xllm {
 namespace {
-
-#ifdef XLLM_AVX2
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const at::BFloat16* p) {
-  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
-}
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
-#endif
-
-inline float widen(float v) { return v; }
-inline float widen(at::BFloat16 v) { return static_cast<float>(v); }
 
 // Output tile [MR x R]: activation rows m0..m0+MR against weight rows n..n+R, over all of K.
 template <typename W, int MR, int R>
@@ -117,36 +93,25 @@ void gemv_dispatch(const float* x, const W* w, int64_t M, int64_t K, int64_t N, 
 
 // x [M, K] (any float dtype), w [N, K] float32 or bfloat16 contiguous, bias [N] or empty.
 // Returns [M, N] float32.
-torch::Tensor gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "gemv: shapes");
   TORCH_CHECK(w.is_contiguous(), "gemv: weight must be contiguous");
-  auto xf = x.to(torch::kFloat32).contiguous();
+  auto xf = x.to(at::kFloat).contiguous();
   const int64_t M = xf.size(0), K = xf.size(1), N = w.size(0);
-  auto out = torch::empty({M, N}, xf.options());
-  torch::Tensor bf;
+  auto out = at::empty({M, N}, xf.options());
+  at::Tensor bf;
   const float* bp = nullptr;
   if (bias.has_value() && bias->defined()) {
-    bf = bias->to(torch::kFloat32).contiguous();
+    bf = bias->to(at::kFloat).contiguous();
     bp = bf.data_ptr<float>();
   }
-  if (w.scalar_type() == torch::kFloat32)
+  if (w.scalar_type() == at::kFloat)
     gemv_dispatch(xf.data_ptr<float>(), w.data_ptr<float>(), M, K, N, bp, out.data_ptr<float>());
-  else if (w.scalar_type() == torch::kBFloat16)
+  else if (w.scalar_type() == at::kBFloat16)
     gemv_dispatch(xf.data_ptr<float>(), w.data_ptr<at::BFloat16>(), M, K, N, bp, out.data_ptr<float>());
   else
     TORCH_CHECK(false, "gemv: weight dtype must be float32 or bfloat16");
   return out;
 }
 
-bool has_avx2() {
-#ifdef XLLM_AVX2
-  return true;
-#else
-  return false;
-#endif
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gemv", &gemv, "out[M,N] = x[M,K] @ w[N,K]^T (+bias), float32 result");
-  m.def("has_avx2", &has_avx2);
-}
+}  // namespace xllm
