@@ -57,6 +57,11 @@ class CacheConfig:
     # Memory for the KV cache, in GiB; ignored when num_blocks is given.
     kv_cache_memory_gib: float = 2.0
     num_blocks: int | None = None
+    enable_prefix_caching: bool = True  # reuse KV blocks of equal prompt prefixes across requests
+    # Lower prefix-cache tiers (kv/tiers.py): evicted cached blocks go to host memory, then to disk.
+    kv_host_memory_gib: float = 0.0  # 0 = no host tier
+    kv_disk_dir: str | None = None  # None = no disk tier
+    kv_disk_gib: float = 4.0  # bound of the disk tier's folder
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ class RequestOutput:
     # prompt_logprobs[i] is for prompt token i given the ones before it (None for the first).
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     metrics: RequestMetrics | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (not computed)
 
     @property
     def delta_text(self) -> str:

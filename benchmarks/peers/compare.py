@@ -10,7 +10,11 @@ llama.cpp, vLLM, xLLM, ...), repeated, and the table gives medians and ratios xL
   all sent at once (output tok/s, and the fraction of the measured matmul peak it reaches);
 - decode-1: one request at a time (time per output token, i.e. batch-1 decode);
 - serving: the ShareGPT-like mix at a sweep of Poisson rates; the highest rate whose p99 TTFT and
-  p99 TPOT meet the SLO (default 1 s and 100 ms).
+  p99 TPOT meet the SLO (default 1 s and 100 ms);
+- prefix: `--prefix-prompts` requests (32) sharing a `--prefix-len`-token (1,024) system prompt, each
+  with its own 64-token question, 64 tokens out, all sent at once (output tok/s and median TTFT),
+  also on a second xLLM server with prefix caching off (`xllm-nocache`); llama.cpp runs with its
+  prompt cache, vLLM with its prefix caching, as they come.
 
     bash benchmarks/peers/build_llama_cpp.sh      # ~15-30 min once, cached in ~/.cache/xllm-peers
     bash benchmarks/peers/install_vllm.sh         # its own venv in ~/.cache/xllm-peers
@@ -112,6 +116,12 @@ def servers(args, weights: dict, bin_dir: str | None, vllm_py: str | None, log_d
                                                "--served-model-name", "model", "--kv-cache-memory", "2",
                                                "--max-num-seqs", str(slots), threads=args.threads))
         urls["xllm"] = xllm.url
+        if "prefix" in args.workloads:  # the same engine without prefix caching, for the prefix workload
+            nocache = stack.enter_context(launch_xllm(log_dir, "--model", weights["gguf"], "--dtype", args.dtype,
+                                                      "--served-model-name", "model", "--kv-cache-memory", "2",
+                                                      "--max-num-seqs", str(slots), "--no-enable-prefix-caching",
+                                                      threads=args.threads))
+            urls["xllm-nocache"] = nocache.url
         if "llama.cpp" in args.peers and bin_dir:
             port = free_port()
             cmd = [os.path.join(bin_dir, "llama-server"), "-m", weights["llama.cpp"], "--host", "127.0.0.1", "--port", str(port),
@@ -150,7 +160,9 @@ def main() -> int:
     ap.add_argument("--serving-prompts", type=int, default=16)
     ap.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     ap.add_argument("--slo-tpot-ms", type=float, default=100.0)
-    ap.add_argument("--workloads", default="offline,decode-1,serving")
+    ap.add_argument("--workloads", default="offline,decode-1,serving,prefix")
+    ap.add_argument("--prefix-len", type=int, default=1024, help="prefix workload: shared system prompt tokens")
+    ap.add_argument("--prefix-prompts", type=int, default=32, help="prefix workload: requests, all sent at once")
     ap.add_argument("--quick", action="store_true", help="tiny workloads, 1 repeat: checks the plumbing")
     args = ap.parse_args()
     args.peers = [p for p in args.peers.split(",") if p]
@@ -176,7 +188,10 @@ def main() -> int:
     tokenizer = os.path.join(weights.get("vllm") or _hf_folder(gguf, args.dtype), "tokenizer.json")
     workloads = args.workloads.split(",")
     results: dict[str, dict[str, list]] = {w: {} for w in workloads}
-    with tempfile.TemporaryDirectory() as logs, servers(args, weights, bin_dir, vllm_py, logs) as urls:
+    if "prefix" in workloads:
+        results["prefix-ttft"] = {}
+    with tempfile.TemporaryDirectory() as logs, servers(args, weights, bin_dir, vllm_py, logs) as all_urls:
+        urls = {k: v for k, v in all_urls.items() if k != "xllm-nocache"}
         for repeat in range(args.repeats):
             common = dict(tokenizer=tokenizer, seed=repeat, draw_plot=(repeat == args.repeats - 1))
             if "offline" in workloads:
@@ -195,6 +210,13 @@ def main() -> int:
                           request_rates=rates, slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, **common)
                 for label, best in r["best_rate"].items():
                     results["serving"].setdefault(label, []).append(best["rate"] or 0.0)
+            if "prefix" in workloads:
+                # Each run's prefix is new (a new load point), so the cache starts cold for it.
+                r = bench(all_urls, out_dir, f"prefix-{repeat}", dataset="shared-prefix", num_prompts=args.prefix_prompts,
+                          prefix_len=args.prefix_len, suffix_len=64, output_len=64, **common)
+                for run_ in r["runs"]:
+                    results["prefix"].setdefault(run_["label"], []).append(run_["summary"]["output_throughput"])
+                    results["prefix-ttft"].setdefault(run_["label"], []).append(run_["summary"]["ttft_ms"]["median"])
             print(f"repeat {repeat + 1}/{args.repeats}: {json.dumps(results)}", flush=True)
     report = render(args, machine, versions(bin_dir, vllm_py), results, os.path.dirname(tokenizer), gguf, notes)
     print(report)
@@ -228,15 +250,16 @@ def render(args, machine: dict, versions_: dict, results: dict, hf_folder: str, 
         f"model: {os.path.basename(gguf)} (same weights for all engines)",
     ]
     rows = [["workload", "engine", "median", "runs", "xLLM / engine"]]
-    units = {"offline": "output tok/s", "decode-1": "ms per token", "serving": "max req/s meeting SLO"}
+    units = {"offline": "output tok/s", "decode-1": "ms per token", "serving": "max req/s meeting SLO",
+             "prefix": "output tok/s", "prefix-ttft": "median TTFT ms"}
     for workload, by_engine in results.items():
         if not by_engine:
             continue
         xllm = statistics.median(by_engine.get("xllm", [float("nan")]))
         for engine, values in by_engine.items():
             med = statistics.median(values)
-            if workload == "decode-1":
-                ratio = med / xllm if xllm else float("nan")  # time per token: lower is better
+            if workload in ("decode-1", "prefix-ttft"):
+                ratio = med / xllm if xllm else float("nan")  # times: lower is better
             else:
                 ratio = xllm / med if med else float("nan")
             shown = f"{ratio:.2f}x" if ratio == ratio else "n/a"  # NaN: e.g. no engine met the SLO at any rate

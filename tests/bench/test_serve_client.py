@@ -265,3 +265,19 @@ def test_flags_make_the_config():
         run_benchmark(config_from_args(parser.parse_args(["--sweep-auto"])))
     with pytest.raises(ValueError, match="label"):
         run_benchmark(config_from_args(parser.parse_args(["--base-url", "a", "--base-url", "b", "--label", "x"])))
+
+
+def test_prefix_cache_counters_from_prometheus_text():
+    from xllm.bench.serve import prefix_cache_counters
+
+    xllm_text = (
+        "# TYPE xllm:prefix_cache_queries counter\n"
+        'xllm:prefix_cache_queries_total{model_name="m"} 100.0\n'
+        "# TYPE xllm:prefix_cache_hits counter\n"
+        'xllm:prefix_cache_hits_total{model_name="m"} 64.0\n'
+    )
+    assert prefix_cache_counters(xllm_text) == (100.0, 64.0)
+    vllm_text = xllm_text.replace("xllm:", "vllm:").replace('model_name="m"', 'engine="0",model_name="m"')
+    assert prefix_cache_counters(vllm_text) == (100.0, 64.0)
+    assert prefix_cache_counters("# TYPE other counter\nother_total 3.0\n") is None
+    assert prefix_cache_counters("{{{ not prometheus") is None

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 from xllm.bench.serve_report import format_report
 from xllm.bench.serve_stats import (
@@ -194,6 +195,23 @@ def normalize_base_url(base_url: str) -> str:
     return url[: -len("/v1")] if url.endswith("/v1") else url
 
 
+def prefix_cache_counters(metrics_text: str) -> tuple[float, float] | None:
+    """Sum the prefix-cache query and hit counters (any engine prefix, any labels) in Prometheus text."""
+    totals = {"queries": 0.0, "hits": 0.0}
+    seen = False
+    try:
+        for family in text_string_to_metric_families(metrics_text):
+            kind = family.name.rsplit(":", 1)[-1].removesuffix("_total")
+            if kind in ("prefix_cache_queries", "prefix_cache_hits"):
+                seen = True
+                totals[kind.removeprefix("prefix_cache_")] += sum(
+                    x.value for x in family.samples if x.name.endswith("_total")
+                )
+    except ValueError:  # not Prometheus text
+        return None
+    return (totals["queries"], totals["hits"]) if seen else None
+
+
 class ServerClient:
     """One OpenAI-compatible server: its label, URL, model and HTTP session (an async context manager)."""
 
@@ -232,6 +250,19 @@ class ServerClient:
 
     async def __aexit__(self, *exc_info) -> None:
         await self.close()
+
+    async def prefix_cache_counters(self) -> tuple[float, float] | None:
+        """(prompt tokens queried, tokens hit) from the server's Prometheus /metrics: xLLM's and
+        vLLM's `*:prefix_cache_queries` / `*:prefix_cache_hits` counters; None if it has neither."""
+        assert self.session is not None
+        try:
+            async with self.session.get(self.base_url + "/metrics") as resp:
+                if resp.status != 200:
+                    return None
+                text = await resp.text()
+        except (aiohttp.ClientError, TimeoutError):
+            return None
+        return prefix_cache_counters(text)
 
     async def first_model(self) -> str:
         """The first model id that GET /v1/models lists; ValueError when the server cannot tell."""
@@ -371,8 +402,13 @@ def run_benchmark(config: ServeBenchConfig) -> dict:
         def measure(client: ServerClient, rate: float, point: int) -> dict:
             """One run of load point `point` at `rate` on `client`: add it to the report, return its summary."""
             load = client.run_load(workload.requests(point), workload.arrivals(rate, point), config.max_concurrency)
+            before = runner.run(client.prefix_cache_counters())
             records, duration = runner.run(load)
+            after = runner.run(client.prefix_cache_counters())
             summary = summarize_run(records, duration, slo)
+            if before is not None and after is not None:
+                queried, hit = after[0] - before[0], after[1] - before[1]
+                summary["prefix_cache"] = {"queried_tokens": queried, "hit_tokens": hit, "hit_rate": hit / queried if queried else None}
             report["runs"].append({
                 "label": client.label,
                 "request_rate": rate,

@@ -23,6 +23,13 @@ def _verdict(met: bool | None) -> str:
     return "-" if met is None else "yes" if met else "no"
 
 
+def _hit_rate(prefix_cache: dict | None) -> str:
+    """Prefix-cache hits as a share of prompt tokens looked up (from the server's /metrics), "-" if unknown."""
+    if not prefix_cache or prefix_cache["hit_rate"] is None:
+        return "-"
+    return f"{100 * prefix_cache['hit_rate']:.0f}%"
+
+
 def header_lines(report: dict) -> list[str]:
     """Date, machine, workload, arrivals, servers and SLO."""
     cfg, m = report["config"], report["machine"]
@@ -69,7 +76,7 @@ def runs_table(report: dict) -> str:
     """One row per server and rate: counts, throughputs, latency medians and p99s, goodput, verdict."""
     rows = [[
         "server", "rate", "done", "failed", "req/s", "out tok/s", "total tok/s", "TTFT p50", "TTFT p99",
-        "TPOT p50", "TPOT p99", "ITL p50", "ITL p99", "E2E p50", "E2E p99", "goodput", "SLO",
+        "TPOT p50", "TPOT p99", "ITL p50", "ITL p99", "E2E p50", "E2E p99", "goodput", "SLO", "prefix hit",
     ]]
     order = {s["label"]: i for i, s in enumerate(report["servers"])}
     for run in sorted(report["runs"], key=lambda r: (order[r["label"]], r["request_rate"])):
@@ -85,6 +92,7 @@ def runs_table(report: dict) -> str:
             *(_ms(s[metric][q]) for metric in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms") for q in ("median", "p99")),
             "-" if s["goodput"] is None else f"{s['goodput']:.3g}",
             _verdict(s["meets_slo"]),
+            _hit_rate(s.get("prefix_cache")),
         ])
     return table(rows)
 
@@ -107,7 +115,7 @@ def format_report(report: dict) -> str:
         *header_lines(report),
         "",
         "Runs (rate and goodput in req/s, latencies in ms: TTFT to first text, TPOT per later token, "
-        "ITL between chunks, E2E whole request)",
+        "ITL between chunks, E2E whole request; prefix hit: prompt tokens found in the server's prefix cache)",
         runs_table(report),
     ]
     if report["best_rate"]:

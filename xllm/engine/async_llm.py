@@ -182,6 +182,9 @@ class AsyncLLM:
             waiting=self.num_waiting,
             kv_usage=self.engine.kv.usage(),
             preemptions=scheduler.num_preemptions,
+            prefix_cache_queries=self.engine.kv.prefix_cache_queries,
+            prefix_cache_hits=self.engine.kv.prefix_cache_hits,
+            tier_hits=self.engine.kv.tier_hit_tokens(),
         )
 
     # ---- requests ----------------------------------------------------------------------------
@@ -195,6 +198,7 @@ class AsyncLLM:
         params: SamplingParams,
         request_id: str,
         arrival_time: float | None = None,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Queue a tokenized, validated prompt; yield its outputs until the finished one.
 
@@ -207,7 +211,7 @@ class AsyncLLM:
         arrival = time.monotonic() if arrival_time is None else arrival_time
         stream = _Stream(arrival, len(prompt_token_ids))
         self._streams[request_id] = stream
-        self._commands.append(("add", request_id, prompt_token_ids, params, arrival))
+        self._commands.append(("add", request_id, prompt_token_ids, params, arrival, cache_salt))
         self._adds_sent += 1
         self._wake.set()
         finished = False
@@ -251,10 +255,10 @@ class AsyncLLM:
         while self._commands:
             command = self._commands.popleft()
             if command[0] == "add":
-                _, request_id, token_ids, params, arrival = command
+                _, request_id, token_ids, params, arrival, cache_salt = command
                 self._adds_taken += 1
                 try:
-                    self.engine.add_request(token_ids, params, request_id, arrival_time=arrival)
+                    self.engine.add_request(token_ids, params, request_id, arrival_time=arrival, cache_salt=cache_salt)
                 except Exception as exc:  # noqa: BLE001 - a bad request fails alone, never the loop
                     self._loop.call_soon_threadsafe(self._deliver, request_id, exc)
             else:

@@ -19,6 +19,7 @@ import torch
 from xllm.config import EngineConfig
 from xllm.engine.detokenizer import IncrementalDetokenizer
 from xllm.kv.manager import KVCacheManager
+from xllm.kv.tiers import KVTiers
 from xllm.models.loader import load_model
 from xllm.ops import cpu_kernels
 from xllm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
@@ -26,7 +27,7 @@ from xllm.sampling_params import SamplingParams
 from xllm.scheduler.output import RunnerOutput, TokenLogprobs
 from xllm.scheduler.request import Request
 from xllm.scheduler.scheduler import Scheduler
-from xllm.worker.model_runner import ModelRunner
+from xllm.worker.model_runner import ModelRunner, kv_bytes_per_block
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,9 @@ class LLMEngine:
             raise ValueError(f"max_model_len {max_len} exceeds the model's context length {limit}")
         self.max_model_len = max_len
         self.runner = ModelRunner(loaded.model, loaded.arch, config.cache, loaded.dtype, seed=config.seed)
-        self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size)
+        self.kv = KVCacheManager(
+            self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching, self._tiers(config.cache)
+        )
         self.scheduler = Scheduler(config.scheduler, self.kv)
         eos = set(loaded.arch.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -113,14 +116,29 @@ class LLMEngine:
             capacity = self.kv.num_blocks * self.kv.block_size
             raise ValueError(f"prompt has {num_tokens} tokens, more than the KV cache holds ({capacity} tokens)")
 
+    def _tiers(self, cache) -> KVTiers | None:
+        """The host and disk tiers under the prefix cache, when configured (and caching is on)."""
+        if not cache.enable_prefix_caching or not (cache.kv_host_memory_gib > 0 or cache.kv_disk_dir):
+            return None
+        per_block = kv_bytes_per_block(self.arch, cache.block_size, self.dtype)
+        host_blocks = int(cache.kv_host_memory_gib * (1 << 30)) // per_block
+        disk_bytes = int(cache.kv_disk_gib * (1 << 30)) if cache.kv_disk_dir else 0
+        logger.info(
+            "prefix-cache tiers: host %d blocks (%.2f GiB), disk %s", host_blocks, host_blocks * per_block / (1 << 30),
+            f"{cache.kv_disk_dir} (up to {cache.kv_disk_gib:g} GiB)" if disk_bytes else "off",
+        )
+        return KVTiers(self.runner.kv_caches, host_blocks, cache.kv_disk_dir, disk_bytes)
+
     def add_request(
         self,
         prompt: str | list[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
         arrival_time: float | None = None,
+        cache_salt: str | None = None,
     ) -> str:
-        """Queue a request; `arrival_time` (time.monotonic()) defaults to now."""
+        """Queue a request; `arrival_time` (time.monotonic()) defaults to now. Requests with different
+        `cache_salt`s never share prefix-cache blocks (tenant isolation)."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError("sampling params must be a SamplingParams")
@@ -147,6 +165,7 @@ class LLMEngine:
                 max_output_tokens=min(params.max_tokens or room, room),
                 generator=torch.Generator().manual_seed(sample_params.seed) if sample_params.seed is not None else None,
                 share_prompt_with=sample_ids[0] if i > 0 else None,
+                cache_salt=cache_salt,
             )
             if arrival_time is not None:
                 request.arrival_time = arrival_time
@@ -252,4 +271,5 @@ class LLMEngine:
             finished=finished,
             prompt_logprobs=group.prompt_logprobs,
             metrics=RequestMetrics(lead.arrival_time, lead.first_scheduled_time, lead.first_token_time),
+            num_cached_tokens=lead.num_cached_tokens,
         )

@@ -19,7 +19,7 @@ _REQUEST_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
 
 
 class _EngineStateCollector(Collector):
-    """Running/waiting requests, KV-cache usage and preemptions, read at scrape time."""
+    """Running/waiting requests, KV-cache usage, preemptions and prefix-cache counts, read at scrape time."""
 
     def __init__(self, model_name: str, state: Callable[[], dict]):
         self.model_name = model_name
@@ -35,9 +35,21 @@ class _EngineStateCollector(Collector):
             g = GaugeMetricFamily(name, doc, labels=["model_name"])
             g.add_metric([self.model_name], s[key])
             yield g
-        c = CounterMetricFamily("xllm:num_preemptions", "Preemptions (a running request gave up its KV blocks).", labels=["model_name"])
-        c.add_metric([self.model_name], s["preemptions"])
-        yield c
+        for name, doc, key in (
+            ("xllm:num_preemptions", "Preemptions (a running request gave up its KV blocks).", "preemptions"),
+            ("xllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_cache_queries"),
+            ("xllm:prefix_cache_hits", "Prompt tokens found in the prefix cache (not computed).", "prefix_cache_hits"),
+        ):
+            c = CounterMetricFamily(name, doc, labels=["model_name"])
+            c.add_metric([self.model_name], s[key])
+            yield c
+        if s.get("tier_hits"):
+            c = CounterMetricFamily(
+                "xllm:prefix_cache_tier_hits", "Prompt tokens promoted from a lower prefix-cache tier.", labels=["model_name", "tier"]
+            )
+            for tier, tokens in s["tier_hits"].items():
+                c.add_metric([self.model_name, tier], tokens)
+            yield c
 
 
 class EngineMetrics:

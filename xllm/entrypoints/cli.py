@@ -32,6 +32,17 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory", type=float, default=2.0, metavar="GIB", help="memory for the KV cache in GiB (default 2)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default 16)")
     g.add_argument(
+        "--no-enable-prefix-caching",
+        dest="enable_prefix_caching",
+        action="store_false",
+        help="turn off prefix caching (on by default: requests sharing a prompt prefix reuse its KV blocks)",
+    )
+    g.add_argument("--kv-host-memory", type=float, default=0.0, metavar="GIB",
+                   help="host tier of the prefix cache: evicted cached blocks are kept in this much memory (default 0: off)")
+    g.add_argument("--kv-disk-dir", default=None, metavar="DIR",
+                   help="disk tier of the prefix cache: blocks evicted from the host tier are written here (default: off)")
+    g.add_argument("--kv-disk-size", type=float, default=4.0, metavar="GIB", help="bound of --kv-disk-dir (default 4)")
+    g.add_argument(
         "--max-num-batched-tokens",
         type=int,
         default=2048,
@@ -56,6 +67,10 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_model_len=args.max_model_len,
         kv_cache_memory_gib=args.kv_cache_memory,
         block_size=args.block_size,
+        enable_prefix_caching=args.enable_prefix_caching,
+        kv_host_memory_gib=args.kv_host_memory,
+        kv_disk_dir=args.kv_disk_dir,
+        kv_disk_gib=args.kv_disk_size,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs,
         num_threads=args.threads,

@@ -30,6 +30,9 @@ class Request:
     generator: torch.Generator | None = None
     # A sibling (sample 0 of the same n > 1 request) whose prompt KV blocks this one reuses.
     share_prompt_with: str | None = None
+    # Prefix-cache isolation: requests with different salts never share KV blocks.
+    cache_salt: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None  # when it first got a step (queue time ends)
     first_token_time: float | None = None

@@ -9,6 +9,10 @@ are served first, in arrival order; waiting ones fill what is left of the budget
 When the KV cache runs out of blocks, the most recently admitted running request is preempted:
 its blocks are freed and it goes back to the front of the waiting queue with
 `num_computed_tokens = 0`, to be recomputed (prompt and the outputs it already has) later.
+
+With prefix caching, a request being admitted first takes the longest cached prefix of its full
+blocks and starts computing after it (a preempted request usually finds most of its own blocks
+still cached); each step files newly full blocks in the cache.
 """
 
 from __future__ import annotations
@@ -118,12 +122,18 @@ class Scheduler:
             request = self.waiting[0]
             if request.share_prompt_with is not None and not self._share_prompt(request):
                 break  # its sibling is still computing the prompt; take it next step
-            remaining = request.tokens_to_compute()
+            cached = self._cached_prefix(request)
+            hit = len(cached) * self.kv.block_size
+            remaining = request.num_tokens - request.num_computed_tokens - hit
             num_new = min(remaining, budget)
             if num_new < remaining and not self.config.enable_chunked_prefill:
                 break
-            if not self.kv.allocate_slots(request.request_id, request.num_computed_tokens + num_new):
+            if not self.kv.allocate_slots(request.request_id, request.num_computed_tokens + hit + num_new, cached):
                 break
+            if request.num_computed_tokens == 0 and not request.num_preemptions:
+                self.kv.record_lookup(len(request.prompt_token_ids), hit)
+                request.num_cached_tokens = hit
+            request.num_computed_tokens += hit
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             if request.first_scheduled_time is None:
@@ -149,6 +159,13 @@ class Scheduler:
                 )
             )
         return out
+
+    def _cached_prefix(self, request: Request) -> list[int]:
+        """Prefix-cache hits for a request about to be admitted with nothing computed or held.
+        Requests that want prompt logprobs compute their whole prompt (they need every position)."""
+        if request.num_computed_tokens or self.kv.block_ids(request.request_id) or request.params.prompt_logprobs is not None:
+            return []
+        return self.kv.find_cached_prefix(request.request_id, request.all_token_ids, request.cache_salt)
 
     def _share_prompt(self, request: Request) -> bool:
         """Before admitting sample i > 0 of an n > 1 request: reuse sample 0's prompt blocks.
@@ -177,6 +194,8 @@ class Scheduler:
             if request is None or request.finished:
                 continue  # aborted while the step ran
             request.num_computed_tokens += len(item.token_ids)
+            if request.num_computed_tokens // self.kv.block_size > self.kv.num_cached_blocks(request.request_id):
+                self.kv.cache_computed(request.request_id, request.all_token_ids, request.num_computed_tokens, request.cache_salt)
             if item.request_id in result.prompt_logprobs:
                 request.add_prompt_logprobs(*result.prompt_logprobs[item.request_id])
             token = result.sampled_token_ids.get(item.request_id)

@@ -199,6 +199,33 @@ def test_metrics_parse_and_count(server):
         assert f"xllm:{name}" in after
 
 
+def test_prefix_cache_hits_show_in_usage_and_metrics(server):
+    c = client(server)
+    system = "You are a museum guide who knows every painting in the east wing by heart. " * 6
+    first = c.chat.completions.create(
+        model="smollm2", messages=[{"role": "system", "content": system}, {"role": "user", "content": "Who painted it?"}],
+        max_tokens=4, temperature=0,
+    )
+    before = metrics(server)
+    second = c.chat.completions.create(
+        model="smollm2", messages=[{"role": "system", "content": system}, {"role": "user", "content": "When was it made?"}],
+        max_tokens=4, temperature=0,
+    )
+    after = metrics(server)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= second.usage.prompt_tokens - 32 and cached % 16 == 0  # all but the question's blocks
+    assert after["xllm:prefix_cache_hits_total"] - before["xllm:prefix_cache_hits_total"] == cached
+    assert after["xllm:prefix_cache_queries_total"] - before["xllm:prefix_cache_queries_total"] == second.usage.prompt_tokens
+    # Another tenant's salt finds nothing; the streamed usage chunk reports the same field.
+    stream = c.chat.completions.create(
+        model="smollm2", messages=[{"role": "system", "content": system}, {"role": "user", "content": "Who painted it?"}],
+        max_tokens=4, temperature=0, stream=True, stream_options={"include_usage": True}, extra_body={"cache_salt": "tenant-b"},
+    )
+    usage = [chunk.usage for chunk in stream if chunk.usage is not None]
+    assert usage[-1].prompt_tokens_details.cached_tokens == 0
+
+
 def _post(server, path: str, body, **kw) -> httpx.Response:
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
     return httpx.post(server.url + path, content=content, headers={"content-type": "application/json"}, timeout=30, **kw)
@@ -234,6 +261,8 @@ def _error(response: httpx.Response, status: int) -> dict:
         ("/v1/chat/completions", {"messages": []}, 400, "messages", "messages"),
         ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages", "messages"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs", "logprobs"),
+        ("/v1/completions", {"prompt": "hi", "cache_salt": ""}, 400, "cache_salt", "cache_salt"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "cache_salt": 7}, 400, "cache_salt", "cache_salt"),
     ],
 )
 def test_error_cases(server, path, body, status, param, fragment):

@@ -61,6 +61,8 @@ class _Body(BaseModel):
     stop_token_ids: list[StrictInt] | None = None
     skip_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
+    # vLLM's prefix-cache isolation: requests with different salts never share cached KV blocks.
+    cache_salt: Annotated[str, Field(min_length=1, strict=True)] | None = None
 
 
 def check_unsupported(data: dict) -> None:

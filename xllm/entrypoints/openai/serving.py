@@ -38,6 +38,7 @@ class AccessLog:
     request_id: str = "-"
     prompt_tokens: int = 0
     output_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
     written: bool = False
 
 
@@ -50,6 +51,7 @@ class _Job:
     params: SamplingParams
     echo_texts: list[str] = field(default_factory=list)  # completions with echo: each prompt's text
     drop_generated: bool = False  # echo with max_tokens=0: generate one token, report none
+    cache_salt: str | None = None
 
 
 def parse_body(model: type, data: dict):
@@ -157,7 +159,7 @@ def prepare_completion(ctx: ServingContext, body: CompletionRequest) -> _Job:
     if drop:
         params.ignore_eos = True
     echo = [p if isinstance(p, str) else engine.tokenizer.decode(ids, skip_special_tokens=False) for p, ids in zip(prompt, prompts)] if body.echo else []
-    return _Job(f"cmpl-{uuid.uuid4().hex}", prompts, params, echo, drop)
+    return _Job(f"cmpl-{uuid.uuid4().hex}", prompts, params, echo, drop, cache_salt=body.cache_salt)
 
 
 def prepare_chat(ctx: ServingContext, body: ChatCompletionRequest) -> _Job:
@@ -183,15 +185,24 @@ def prepare_chat(ctx: ServingContext, body: ChatCompletionRequest) -> _Job:
     _check_lengths(ctx, [ids], max_tokens, "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = _sampling_params(ctx, body, max_tokens, logprobs, None)
-    return _Job(f"chatcmpl-{uuid.uuid4().hex}", [ids], params)
+    return _Job(f"chatcmpl-{uuid.uuid4().hex}", [ids], params, cache_salt=body.cache_salt)
 
 
 # ---- running them ------------------------------------------------------------------------------
-async def _merged(ctx: ServingContext, job: _Job) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def _merged(ctx: ServingContext, job: _Job, log: AccessLog) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Outputs of every prompt of the job as (prompt index, output), as they come."""
+    async for i, out in _merged_outputs(ctx, job):
+        if out.finished:
+            log.cached_tokens += out.num_cached_tokens
+        yield i, out
+
+
+async def _merged_outputs(ctx: ServingContext, job: _Job) -> AsyncIterator[tuple[int, RequestOutput]]:
     arrival = time.monotonic()
     gens = [
-        ctx.llm.generate(ids, job.params, job.request_id if len(job.prompts) == 1 else f"{job.request_id}-{i}", arrival)
+        ctx.llm.generate(
+            ids, job.params, job.request_id if len(job.prompts) == 1 else f"{job.request_id}-{i}", arrival, job.cache_salt
+        )
         for i, ids in enumerate(job.prompts)
     ]
     if len(gens) == 1:
@@ -236,8 +247,13 @@ def engine_error(exc: Exception) -> APIError:
     return APIError(500, f"internal error: {exc!r}")
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+def _usage(log: AccessLog) -> dict:
+    return {
+        "prompt_tokens": log.prompt_tokens,
+        "completion_tokens": log.output_tokens,
+        "total_tokens": log.prompt_tokens + log.output_tokens,
+        "prompt_tokens_details": {"cached_tokens": log.cached_tokens},
+    }
 
 
 def _envelope(ctx: ServingContext, job: _Job, obj: str, created: int, choices: list[dict], **extra) -> dict:
@@ -302,7 +318,7 @@ def _chat_logprobs(token_ids: list[int], entries: list[PositionLogprobs], k: int
 async def completion_full(ctx: ServingContext, job: _Job, body: CompletionRequest, log: AccessLog) -> dict:
     n = job.params.n
     finals: dict[int, RequestOutput] = {}
-    async for i, out in _merged(ctx, job):
+    async for i, out in _merged(ctx, job, log):
         if out.finished:
             finals[i] = out
     token_text = ctx.llm.engine.token_text
@@ -331,7 +347,7 @@ async def completion_full(ctx: ServingContext, job: _Job, body: CompletionReques
                 "stop_reason": c.stop_reason,
             })
     log.output_tokens = completion_tokens
-    return _envelope(ctx, job, "text_completion", int(time.time()), choices, usage=_usage(log.prompt_tokens, completion_tokens))
+    return _envelope(ctx, job, "text_completion", int(time.time()), choices, usage=_usage(log))
 
 
 async def _sse_stream(ctx: ServingContext, job: _Job, obj: str, body, log: AccessLog, parts) -> AsyncIterator[str]:
@@ -346,7 +362,7 @@ async def _sse_stream(ctx: ServingContext, job: _Job, obj: str, body, log: Acces
             if choices:
                 yield _sse(_envelope(ctx, job, obj, created, choices, **extra))
         if include_usage:
-            yield _sse(_envelope(ctx, job, obj, created, [], usage=_usage(log.prompt_tokens, log.output_tokens)))
+            yield _sse(_envelope(ctx, job, obj, created, [], usage=_usage(log)))
     except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
         err = engine_error(exc)
         yield _sse(error_body(err.status, err.message, err.param, err.code))
@@ -362,7 +378,7 @@ async def _completion_parts(ctx: ServingContext, job: _Job, body: CompletionRequ
     token_text = ctx.llm.engine.token_text
     trackers: dict[int, _CompletionLogprobs] = {}
     started: set[int] = set()
-    async for i, out in _merged(ctx, job):
+    async for i, out in _merged(ctx, job, log):
         choices = []
         new_tokens = 0
         for c in out.outputs:
@@ -395,7 +411,7 @@ async def _completion_parts(ctx: ServingContext, job: _Job, body: CompletionRequ
 # ---- /v1/chat/completions ----------------------------------------------------------------------
 async def chat_full(ctx: ServingContext, job: _Job, body: ChatCompletionRequest, log: AccessLog) -> dict:
     final = None
-    async for _, out in _merged(ctx, job):
+    async for _, out in _merged(ctx, job, log):
         if out.finished:
             final = out
     choices = []
@@ -410,7 +426,7 @@ async def chat_full(ctx: ServingContext, job: _Job, body: ChatCompletionRequest,
             "stop_reason": c.stop_reason,
         })
     log.output_tokens = completion_tokens
-    return _envelope(ctx, job, "chat.completion", int(time.time()), choices, usage=_usage(log.prompt_tokens, completion_tokens))
+    return _envelope(ctx, job, "chat.completion", int(time.time()), choices, usage=_usage(log))
 
 
 def chat_stream(ctx: ServingContext, job: _Job, body: ChatCompletionRequest, log: AccessLog) -> AsyncIterator[str]:
@@ -422,7 +438,7 @@ async def _chat_parts(ctx: ServingContext, job: _Job, body: ChatCompletionReques
         {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
         for i in range(job.params.n)
     ], 0
-    async for _, out in _merged(ctx, job):
+    async for _, out in _merged(ctx, job, log):
         choices = []
         new_tokens = 0
         for c in out.outputs:

@@ -1,0 +1,123 @@
+"""The host and disk tiers under the prefix cache."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from xllm.kv.block_hash import ROOT, extend_hashes, hash_block
+from xllm.kv.manager import KVCacheManager
+from xllm.kv.tiers import DiskTier, KVTiers
+
+
+def h(i: int) -> bytes:
+    return hash_block(ROOT, [i])
+
+
+# ---- disk ---------------------------------------------------------------------------------------
+def test_disk_round_trip_and_reopen(tmp_path):
+    disk = DiskTier(str(tmp_path), 1 << 20)
+    disk.put(h(1), b"abc" * 100)
+    assert disk.get(h(1)) == b"abc" * 100 and disk.get(h(2)) is None
+    again = DiskTier(str(tmp_path), 1 << 20)  # a restart finds the entry
+    assert again.get(h(1)) == b"abc" * 100
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage"])
+def test_damaged_entry_is_detected_deleted_and_never_used(tmp_path, damage):
+    disk = DiskTier(str(tmp_path), 1 << 20)
+    disk.put(h(1), bytes(range(256)) * 8)
+    path = tmp_path / (h(1).hex() + ".kv")
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[-100] ^= 0xFF
+    elif damage == "truncate":
+        data = data[: len(data) // 2]  # a torn write
+    else:
+        data = bytearray(b"not a kv entry")
+    path.write_bytes(bytes(data))
+    assert disk.get(h(1)) is None
+    assert disk.num_corrupt == 1 and not path.exists() and h(1) not in disk
+
+
+def test_unfinished_write_is_cleaned_up_at_start(tmp_path):
+    (tmp_path / (h(3).hex() + ".kv.123.tmp")).write_bytes(b"half")
+    disk = DiskTier(str(tmp_path), 1 << 20)
+    assert len(disk) == 0 and os.listdir(tmp_path) == []
+
+
+def test_disk_respects_its_bound_oldest_first(tmp_path):
+    payload = b"x" * 1000
+    disk = DiskTier(str(tmp_path), 5 * 1100)
+    for i in range(20):
+        disk.put(h(i), payload)
+        assert disk.used_bytes <= 5 * 1100
+        on_disk = sum(f.stat().st_size for f in tmp_path.iterdir())
+        assert on_disk == disk.used_bytes
+    assert [i for i in range(20) if h(i) in disk] == [15, 16, 17, 18, 19]
+    assert DiskTier(str(tmp_path), 2 * 1100).used_bytes <= 2 * 1100  # a smaller bound at restart trims
+
+
+# ---- host + disk over a fake model's cache ----------------------------------------------------
+def caches(num_blocks=8, layers=3):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(2, num_blocks, 4, 2, 8, generator=g) for _ in range(layers)]
+
+
+def block(kv, b):
+    return torch.stack([c[:, b] for c in kv])
+
+
+def test_demote_promote_through_host_then_disk(tmp_path):
+    kv = caches()
+    per_block = block(kv, 0).numel() * 4
+    tiers = KVTiers(kv, host_blocks=2, disk_folder=str(tmp_path), disk_bytes=10 * (per_block + 64))
+    originals = {b: block(kv, b).clone() for b in range(4)}
+    for b in range(4):
+        tiers.demote(b, h(b))  # host holds 2; the two oldest went to disk
+    assert [tiers.tier_of(h(b)) for b in range(4)] == ["disk", "disk", "host", "host"]
+    for b in range(8):
+        for c in kv:
+            c[:, b].zero_()
+    for b in (3, 2, 1, 0):  # host entries first (a disk hit moves its entry up to the host tier)
+        assert tiers.promote(h(b), b + 4)
+        assert torch.equal(block(kv, b + 4), originals[b])
+    assert tiers.hits == {"host": 2, "disk": 2}
+    assert not tiers.promote(h(99), 0)
+
+
+def test_manager_promotes_lower_tier_hits_into_free_blocks():
+    kv = caches(num_blocks=6)
+    tiers = KVTiers(kv, host_blocks=8)
+    m = KVCacheManager(6, block_size=4, tiers=tiers)
+    prompt = list(range(100, 113))  # 3 full blocks + 1
+    assert m.allocate_slots("a", 13)
+    m.cache_computed("a", prompt, 13)
+    content = [block(kv, b).clone() for b in m.block_ids("a")[:3]]
+    m.free("a")
+    assert m.allocate_slots("x", 24)  # takes all 6 blocks: a's cached blocks are evicted, demoted
+    assert len(tiers._host_index) == 3
+    m.free("x")  # x never cached anything
+    hits = m.find_cached_prefix("b", prompt)
+    assert len(hits) == 3 and tiers.hits["host"] == 3
+    for b, want in zip(hits, content):
+        assert torch.equal(block(kv, b), want)
+    assert m.allocate_slots("b", 14, hits)
+    m.check_invariants()
+
+
+def test_promotion_never_evicts_its_own_chain():
+    kv = caches(num_blocks=2)
+    tiers = KVTiers(kv, host_blocks=8)
+    m = KVCacheManager(2, block_size=4, tiers=tiers)
+    prompt = list(range(17))  # 4 full blocks + 1
+    hashes = []
+    extend_hashes(hashes, prompt, 4, 4, None)
+    for i, hsh in enumerate(hashes):
+        tiers.demote(i % 2, hsh)  # all four in the host tier
+    hits = m.find_cached_prefix("b", prompt)
+    assert len(hits) == 2 and len(set(hits)) == 2  # a third promotion would evict the first
+    assert [m.pool.block_hash[b] for b in hits] == hashes[:2]
+    m.check_invariants()
