@@ -64,17 +64,34 @@ class CacheConfig:
     kv_disk_gib: float = 4.0  # bound of the disk tier's folder
 
 
+SCHEDULING_POLICIES = ("chunked", "prefill-first", "decode-first")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_batched_tokens: int = 2048  # the per-step token budget
     max_num_seqs: int = 64  # bound on running sequences
     enable_chunked_prefill: bool = True
+    # chunked: decodes first, prefill chunks fill the rest of the budget; prefill-first: waiting
+    # prompts run whole in steps of their own, ahead of decodes; decode-first: decode-only steps
+    # while requests run, new prompts admitted when few run or one waited too long.
+    scheduling_policy: str = "chunked"
+    max_prefill_chunk: int | None = None  # tokens of one prompt per step (None = the whole budget)
+    decode_first_min_running: int = 4  # decode-first: admit new prompts while fewer than this run
+    decode_first_max_wait_steps: int = 32  # decode-first: ...or once the first waiting one waited this many steps
+    priority_aging_steps: int = 256  # a waiting request's priority improves by 1 every this many steps (0 = never)
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, got {self.scheduling_policy!r}")
+        if self.max_prefill_chunk is not None and self.max_prefill_chunk < 1:
+            raise ValueError("max_prefill_chunk must be >= 1")
+        if self.decode_first_min_running < 1 or self.decode_first_max_wait_steps < 0 or self.priority_aging_steps < 0:
+            raise ValueError("decode_first_min_running must be >= 1; the step counts >= 0")
 
 
 @dataclass(frozen=True)

@@ -199,6 +199,8 @@ class AsyncLLM:
         request_id: str,
         arrival_time: float | None = None,
         cache_salt: str | None = None,
+        priority: int = 0,
+        timeout: float | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Queue a tokenized, validated prompt; yield its outputs until the finished one.
 
@@ -211,7 +213,7 @@ class AsyncLLM:
         arrival = time.monotonic() if arrival_time is None else arrival_time
         stream = _Stream(arrival, len(prompt_token_ids))
         self._streams[request_id] = stream
-        self._commands.append(("add", request_id, prompt_token_ids, params, arrival, cache_salt))
+        self._commands.append(("add", request_id, prompt_token_ids, params, arrival, dict(cache_salt=cache_salt, priority=priority, timeout=timeout)))
         self._adds_sent += 1
         self._wake.set()
         finished = False
@@ -255,10 +257,10 @@ class AsyncLLM:
         while self._commands:
             command = self._commands.popleft()
             if command[0] == "add":
-                _, request_id, token_ids, params, arrival, cache_salt = command
+                _, request_id, token_ids, params, arrival, options = command
                 self._adds_taken += 1
                 try:
-                    self.engine.add_request(token_ids, params, request_id, arrival_time=arrival, cache_salt=cache_salt)
+                    self.engine.add_request(token_ids, params, request_id, arrival_time=arrival, **options)
                 except Exception as exc:  # noqa: BLE001 - a bad request fails alone, never the loop
                     self._loop.call_soon_threadsafe(self._deliver, request_id, exc)
             else:

@@ -136,9 +136,14 @@ class LLMEngine:
         request_id: str | None = None,
         arrival_time: float | None = None,
         cache_salt: str | None = None,
+        priority: int = 0,
+        timeout: float | None = None,
     ) -> str:
         """Queue a request; `arrival_time` (time.monotonic()) defaults to now. Requests with different
-        `cache_salt`s never share prefix-cache blocks (tenant isolation)."""
+        `cache_salt`s never share prefix-cache blocks (tenant isolation). Lower `priority` runs
+        first. After `timeout` seconds from arrival the request ends with finish reason "timeout"."""
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError("sampling params must be a SamplingParams")
@@ -166,9 +171,12 @@ class LLMEngine:
                 generator=torch.Generator().manual_seed(sample_params.seed) if sample_params.seed is not None else None,
                 share_prompt_with=sample_ids[0] if i > 0 else None,
                 cache_salt=cache_salt,
+                priority=priority,
             )
             if arrival_time is not None:
                 request.arrival_time = arrival_time
+            if timeout is not None:
+                request.deadline = request.arrival_time + timeout
             detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop, params.include_stop_str_in_output)
             group.samples.append(_Sample(request, detok))
             self._sample_group[sample_id] = (group, i)

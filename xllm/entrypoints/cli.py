@@ -49,6 +49,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="token budget of one step; longer prompts are split across steps (default 2048)",
     )
     g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences running at once (default 64)")
+    g.add_argument("--scheduling-policy", default="chunked", choices=["chunked", "prefill-first", "decode-first"],
+                   help="chunked: decodes first, prompt chunks fill the step (default); prefill-first: new prompts run "
+                   "whole ahead of decodes (best TTFT); decode-first: decode-only steps while requests run (best ITL)")
+    g.add_argument("--max-prefill-chunk", type=int, default=None, metavar="TOKENS",
+                   help="most prompt tokens of one request per step (default: the whole token budget)")
+    g.add_argument("--decode-first-min-running", type=int, default=4,
+                   help="decode-first: admit new prompts while fewer requests than this run (default 4)")
+    g.add_argument("--decode-first-max-wait-steps", type=int, default=32,
+                   help="decode-first: ...or once the first waiting request has waited this many steps (default 32)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     g.add_argument("--seed", type=int, default=0, help="engine seed for requests without their own seed (default 0)")
     g.add_argument(
@@ -73,6 +82,10 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         kv_disk_gib=args.kv_disk_size,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs,
+        scheduling_policy=args.scheduling_policy,
+        max_prefill_chunk=args.max_prefill_chunk,
+        decode_first_min_running=args.decode_first_min_running,
+        decode_first_max_wait_steps=args.decode_first_max_wait_steps,
         num_threads=args.threads,
         seed=args.seed,
         compiled_kernels=args.compiled_kernels,

@@ -33,6 +33,9 @@ class Request:
     # Prefix-cache isolation: requests with different salts never share KV blocks.
     cache_salt: str | None = None
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
+    priority: int = 0  # lower runs first; FCFS (arrival) within a priority
+    deadline: float | None = None  # time.monotonic() past which the request is aborted ("timeout")
+    enqueued_step: int = 0  # scheduler step at which it was added (aging of its priority)
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None  # when it first got a step (queue time ends)
     first_token_time: float | None = None

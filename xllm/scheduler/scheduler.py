@@ -2,23 +2,34 @@
 
 It schedules tokens, not phases. Every request has `num_computed_tokens` catching up with
 `num_tokens` (prompt + output so far); a step gives each chosen request up to its remaining count,
-clipped by the per-step token budget. A long prompt is therefore split over several steps
-(chunked prefill) while running decodes keep getting their one token per step. Running requests
-are served first, in arrival order; waiting ones fill what is left of the budget.
+clipped by the per-step token budget and the per-request chunk (`max_prefill_chunk`). A long
+prompt is therefore split over several steps (chunked prefill).
 
-When the KV cache runs out of blocks, the most recently admitted running request is preempted:
-its blocks are freed and it goes back to the front of the waiting queue with
-`num_computed_tokens = 0`, to be recomputed (prompt and the outputs it already has) later.
+Three batch policies share this one loop (`scheduling_policy`):
+- `chunked` (default): running requests first (decodes, unfinished prompt chunks), then waiting
+  ones fill what is left of the budget in the same step;
+- `prefill-first`: while a waiting prompt can be admitted or a prompt is unfinished, steps run
+  prompts only (waiting ones whole), no decodes: the best TTFT, at the cost of inter-token spikes;
+- `decode-first`: while requests run, steps decode only; new prompts are admitted when fewer than
+  `decode_first_min_running` run or the first waiting request has waited
+  `decode_first_max_wait_steps` steps (the best inter-token latency, no starvation).
+
+Waiting requests are taken by priority (lower first), then arrival. A waiting request's priority
+improves by one every `priority_aging_steps` steps it waits, so a long stream of higher-priority
+work cannot starve it. When the KV cache runs out of blocks, the running request that ranks last
+(lowest priority, latest arrival) is preempted: its blocks are freed (with prefix caching they
+stay cached, so it usually finds them again) and it returns to the waiting queue, where its
+arrival time keeps its place; it is recomputed from there. A waiting request may also preempt
+running ones that rank below it when it cannot get blocks. A request past its deadline
+(`timeout`) is ended with finish reason "timeout" and its blocks freed.
 
 With prefix caching, a request being admitted first takes the longest cached prefix of its full
-blocks and starts computing after it (a preempted request usually finds most of its own blocks
-still cached); each step files newly full blocks in the cache.
+blocks and starts computing after it; each step files newly full blocks in the cache.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
 
 from xllm.config import SchedulerConfig
 from xllm.kv.manager import KVCacheManager
@@ -30,10 +41,11 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
         self.config = config
         self.kv = kv
-        self.waiting: deque[Request] = deque()
+        self.waiting: list[Request] = []  # in no particular order; `_queue()` ranks them
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.step_count = 0
         self._ended_while_scheduling: list[Request] = []
 
     # ---- queue management -------------------------------------------------------------------
@@ -41,6 +53,7 @@ class Scheduler:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
+        request.enqueued_step = self.step_count
         self.waiting.append(request)
 
     def finish_request(self, request_id: str, reason: str, stop_reason: str | int | None = None) -> Request | None:
@@ -74,74 +87,51 @@ class Scheduler:
         self.kv.free(request.request_id)
         self.requests.pop(request.request_id, None)
 
+    def _rank(self, request: Request) -> tuple:
+        """Sort key: effective priority (aged while waiting), then arrival. Lower runs first."""
+        aging = self.config.priority_aging_steps
+        waited = self.step_count - request.enqueued_step if request.status is RequestStatus.WAITING else 0
+        return (request.priority - (waited // aging if aging else 0), request.arrival_time, request.request_id)
+
+    def _queue(self) -> list[Request]:
+        return sorted(self.waiting, key=self._rank)
+
     def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
         self.kv.free(request.request_id)
         request.num_computed_tokens = 0
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(request)
+        self.waiting.append(request)
+
+    def _expire(self, out: SchedulerOutput) -> None:
+        """End every request whose deadline has passed."""
+        now = time.monotonic()
+        for request in [r for r in (*self.running, *self.waiting) if r.deadline is not None and r.deadline <= now]:
+            self.finish_request(request.request_id, "timeout")
+            self._ended_while_scheduling.append(request)
+            out.preempted_ids.append(request.request_id)
+
+    def _chunk(self, request: Request, budget: int) -> int:
+        remaining = request.tokens_to_compute()
+        cap = self.config.max_prefill_chunk
+        if cap is not None and remaining > 1:
+            remaining = min(remaining, cap)
+        return min(remaining, budget)
 
     # ---- one step -------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        self.step_count += 1
         out = SchedulerOutput()
-        budget = self.config.max_num_batched_tokens
-        chosen: list[tuple[Request, int]] = []
-
-        # 1. Running requests, oldest first: decodes and unfinished prompt chunks.
-        i = 0
-        while i < len(self.running) and budget > 0:
-            request = self.running[i]
-            num_new = min(request.tokens_to_compute(), budget)
-            if num_new <= 0:
-                i += 1
-                continue
-            while not self.kv.allocate_slots(request.request_id, request.num_computed_tokens + num_new):
-                victim = self.running.pop()  # the newest request gives way
-                if victim is request and not self.running:
-                    # Alone and still out of blocks: it can never grow; end it rather than loop.
-                    request.finish("length")
-                    self._release(request)
-                    self._ended_while_scheduling.append(request)
-                    out.preempted_ids.append(request.request_id)
-                    break
-                self._preempt(victim)
-                out.preempted_ids.append(victim.request_id)
-                if victim is request:
-                    break
-            else:
-                chosen.append((request, num_new))
-                budget -= num_new
-                i += 1
-                continue
-            # `request` itself was preempted or ended; it is no longer in running[i].
-
-        # 2. Waiting requests, in order, while budget, sequence slots and blocks last.
-        # After a preemption nothing new is admitted this step (memory is short).
-        while self.waiting and budget > 0 and not out.preempted_ids and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
-            if request.share_prompt_with is not None and not self._share_prompt(request):
-                break  # its sibling is still computing the prompt; take it next step
-            cached = self._cached_prefix(request)
-            hit = len(cached) * self.kv.block_size
-            remaining = request.num_tokens - request.num_computed_tokens - hit
-            num_new = min(remaining, budget)
-            if num_new < remaining and not self.config.enable_chunked_prefill:
-                break
-            if not self.kv.allocate_slots(request.request_id, request.num_computed_tokens + hit + num_new, cached):
-                break
-            if request.num_computed_tokens == 0 and not request.num_preemptions:
-                self.kv.record_lookup(len(request.prompt_token_ids), hit)
-                request.num_cached_tokens = hit
-            request.num_computed_tokens += hit
-            self.waiting.popleft()
-            request.status = RequestStatus.RUNNING
-            if request.first_scheduled_time is None:
-                request.first_scheduled_time = time.monotonic()
-            self.running.append(request)
-            chosen.append((request, num_new))
-            budget -= num_new
-
+        self._expire(out)
+        self.running.sort(key=self._rank)  # best first: preemption victims come from the end
+        prefill_step = self.config.scheduling_policy == "prefill-first" and (
+            self._can_admit_one() or any(r.num_computed_tokens < len(r.prompt_token_ids) for r in self.running)
+        )
+        chosen = self._fill(out, prefill_step)
+        if prefill_step and not chosen:  # nothing could start after all: decode instead
+            chosen = self._fill(out, False)
         for request, num_new in chosen:
             start = request.num_computed_tokens
             prompt_len = len(request.prompt_token_ids)
@@ -159,6 +149,115 @@ class Scheduler:
                 )
             )
         return out
+
+    def _fill(self, out: SchedulerOutput, prefill_step: bool) -> list[tuple[Request, int]]:
+        budget = self.config.max_num_batched_tokens
+        chosen: list[tuple[Request, int]] = []
+        # 1. Running requests, best ranked first: decodes and unfinished prompt chunks (in a
+        #    prefill-first prefill step, only the chunks).
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            in_prompt = request.num_computed_tokens < len(request.prompt_token_ids)
+            num_new = self._chunk(request, budget) if (in_prompt or not prefill_step) else 0
+            if num_new <= 0:
+                i += 1
+                continue
+            if self._allocate_or_preempt(request, num_new, out):
+                chosen.append((request, num_new))
+                budget -= num_new
+                i += 1
+            # else `request` was preempted or ended; running[i] is now the next one.
+
+        # 2. Waiting requests by rank, while budget, sequence slots and blocks last.
+        # After a preemption nothing new is admitted this step (memory is short).
+        if self._admitting(self.config.scheduling_policy):
+            for request in self._queue():
+                if budget <= 0 or out.preempted_ids or len(self.running) >= self.config.max_num_seqs:
+                    break
+                num_new = self._admit(request, budget, whole=prefill_step, out=out)
+                if num_new is None:
+                    break
+                chosen.append((request, num_new))
+                budget -= num_new
+        # A request preempted by a higher-priority admission gives up its place in this step.
+        return [(r, n) for r, n in chosen if r.status is RequestStatus.RUNNING]
+
+    def _admitting(self, policy: str) -> bool:
+        """Whether waiting requests may join this step."""
+        if not self.waiting:
+            return False
+        if policy != "decode-first" or len(self.running) < self.config.decode_first_min_running:
+            return True
+        oldest = min(self.waiting, key=lambda r: r.enqueued_step)
+        return self.step_count - oldest.enqueued_step >= self.config.decode_first_max_wait_steps
+
+    def _can_admit_one(self) -> bool:
+        """prefill-first: is there a waiting request that could start now (slot and blocks)?"""
+        if not self.waiting or len(self.running) >= self.config.max_num_seqs:
+            return False
+        first = self._queue()[0]
+        need = self.kv.blocks_needed(first.num_computed_tokens + min(first.tokens_to_compute(), self.config.max_num_batched_tokens))
+        return need - len(self.kv.block_ids(first.request_id)) <= self.kv.pool.num_free or bool(self._victims_below(first))
+
+    def _victims_below(self, request: Request) -> list[Request]:
+        """Running requests that rank strictly below `request` in priority, worst first."""
+        mine = self._rank(request)[0]
+        return sorted((r for r in self.running if r.priority > mine), key=self._rank, reverse=True)
+
+    def _allocate_or_preempt(self, request: Request, num_new: int, out: SchedulerOutput) -> bool:
+        """Blocks for a running request's next tokens, preempting the last-ranked running requests
+        as needed; False if `request` itself was preempted or ended instead."""
+        while not self.kv.allocate_slots(request.request_id, request.num_computed_tokens + num_new):
+            victim = self.running[-1]  # ranked last
+            if victim is request and len(self.running) == 1:
+                # Alone and still out of blocks: it can never grow; end it rather than loop.
+                self.running.remove(request)
+                request.finish("length")
+                self._release(request)
+                self._ended_while_scheduling.append(request)
+                out.preempted_ids.append(request.request_id)
+                return False
+            self._preempt(victim)
+            out.preempted_ids.append(victim.request_id)
+            if victim is request:
+                return False
+        return True
+
+    def _admit(self, request: Request, budget: int, whole: bool, out: SchedulerOutput) -> int | None:
+        """Admit a waiting request with up to `budget` tokens (its whole prompt if `whole` and it
+        fits); returns the tokens scheduled, or None if it cannot start now (admission stops)."""
+        if request.share_prompt_with is not None and not self._share_prompt(request):
+            return None  # its sibling is still computing the prompt; take it next step
+        cached = self._cached_prefix(request)
+        hit = len(cached) * self.kv.block_size
+        remaining = request.num_tokens - request.num_computed_tokens - hit
+        cap = self.config.max_prefill_chunk if not whole else None
+        num_new = min(remaining, budget, cap or remaining)
+        full = self.config.max_num_batched_tokens
+        if num_new < remaining and (
+            not self.config.enable_chunked_prefill
+            # prefill-first runs prompts whole; only one longer than the whole budget is split, alone
+            or (whole and (remaining <= full or budget < full))
+        ):
+            return None
+        total = request.num_computed_tokens + hit + num_new
+        while not self.kv.allocate_slots(request.request_id, total, cached):
+            victims = self._victims_below(request)
+            if not victims:
+                return None
+            self._preempt(victims[0])  # a higher-priority request takes the blocks of a lower one
+            out.preempted_ids.append(victims[0].request_id)
+        if request.num_computed_tokens == 0 and not request.num_preemptions:
+            self.kv.record_lookup(len(request.prompt_token_ids), hit)
+            request.num_cached_tokens = hit
+        request.num_computed_tokens += hit
+        self.waiting.remove(request)
+        request.status = RequestStatus.RUNNING
+        if request.first_scheduled_time is None:
+            request.first_scheduled_time = time.monotonic()
+        self.running.append(request)
+        return num_new
 
     def _cached_prefix(self, request: Request) -> list[int]:
         """Prefix-cache hits for a request about to be admitted with nothing computed or held.

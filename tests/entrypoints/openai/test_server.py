@@ -226,6 +226,16 @@ def test_prefix_cache_hits_show_in_usage_and_metrics(server):
     assert usage[-1].prompt_tokens_details.cached_tokens == 0
 
 
+def test_timeout_ends_a_request_and_priority_is_accepted(server):
+    body = {"model": "smollm2", "prompt": "Count: 1 2 3", "max_tokens": 2000, "ignore_eos": True, "timeout": 0.5}
+    start = time.monotonic()
+    out = _post(server, "/v1/completions", body).json()
+    assert time.monotonic() - start < 5
+    assert out["choices"][0]["finish_reason"] == "timeout" and 0 < out["usage"]["completion_tokens"] < 2000
+    ok = _post(server, "/v1/completions", {"model": "smollm2", "prompt": "Hi", "max_tokens": 2, "priority": -3}).json()
+    assert ok["usage"]["completion_tokens"] == 2
+
+
 def _post(server, path: str, body, **kw) -> httpx.Response:
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
     return httpx.post(server.url + path, content=content, headers={"content-type": "application/json"}, timeout=30, **kw)
@@ -262,6 +272,8 @@ def _error(response: httpx.Response, status: int) -> dict:
         ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages", "messages"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs", "logprobs"),
         ("/v1/completions", {"prompt": "hi", "cache_salt": ""}, 400, "cache_salt", "cache_salt"),
+        ("/v1/completions", {"prompt": "hi", "timeout": 0}, 400, "timeout", "timeout"),
+        ("/v1/completions", {"prompt": "hi", "priority": "urgent"}, 400, "priority", "priority"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "cache_salt": 7}, 400, "cache_salt", "cache_salt"),
     ],
 )

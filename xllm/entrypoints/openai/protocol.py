@@ -63,6 +63,8 @@ class _Body(BaseModel):
     include_stop_str_in_output: StrictBool = False
     # vLLM's prefix-cache isolation: requests with different salts never share cached KV blocks.
     cache_salt: Annotated[str, Field(min_length=1, strict=True)] | None = None
+    priority: StrictInt = 0  # lower runs first (vLLM's field)
+    timeout: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None  # seconds; then finish_reason "timeout"
 
 
 def check_unsupported(data: dict) -> None:

@@ -52,6 +52,12 @@ class _Job:
     echo_texts: list[str] = field(default_factory=list)  # completions with echo: each prompt's text
     drop_generated: bool = False  # echo with max_tokens=0: generate one token, report none
     cache_salt: str | None = None
+    priority: int = 0
+    timeout: float | None = None
+
+
+def _scheduling(body) -> dict:
+    return {"cache_salt": body.cache_salt, "priority": body.priority, "timeout": body.timeout}
 
 
 def parse_body(model: type, data: dict):
@@ -159,7 +165,7 @@ def prepare_completion(ctx: ServingContext, body: CompletionRequest) -> _Job:
     if drop:
         params.ignore_eos = True
     echo = [p if isinstance(p, str) else engine.tokenizer.decode(ids, skip_special_tokens=False) for p, ids in zip(prompt, prompts)] if body.echo else []
-    return _Job(f"cmpl-{uuid.uuid4().hex}", prompts, params, echo, drop, cache_salt=body.cache_salt)
+    return _Job(f"cmpl-{uuid.uuid4().hex}", prompts, params, echo, drop, **_scheduling(body))
 
 
 def prepare_chat(ctx: ServingContext, body: ChatCompletionRequest) -> _Job:
@@ -185,7 +191,7 @@ def prepare_chat(ctx: ServingContext, body: ChatCompletionRequest) -> _Job:
     _check_lengths(ctx, [ids], max_tokens, "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = _sampling_params(ctx, body, max_tokens, logprobs, None)
-    return _Job(f"chatcmpl-{uuid.uuid4().hex}", [ids], params, cache_salt=body.cache_salt)
+    return _Job(f"chatcmpl-{uuid.uuid4().hex}", [ids], params, **_scheduling(body))
 
 
 # ---- running them ------------------------------------------------------------------------------
@@ -201,7 +207,8 @@ async def _merged_outputs(ctx: ServingContext, job: _Job) -> AsyncIterator[tuple
     arrival = time.monotonic()
     gens = [
         ctx.llm.generate(
-            ids, job.params, job.request_id if len(job.prompts) == 1 else f"{job.request_id}-{i}", arrival, job.cache_salt
+            ids, job.params, job.request_id if len(job.prompts) == 1 else f"{job.request_id}-{i}", arrival,
+            cache_salt=job.cache_salt, priority=job.priority, timeout=job.timeout,
         )
         for i, ids in enumerate(job.prompts)
     ]
