@@ -17,18 +17,7 @@ from collections.abc import Callable
 import torch
 
 from xllm.config import dtype_name
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name from /proc/cpuinfo (or whatever `platform` knows)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from xllm.sysinfo import cpu_model, cpuinfo_field
 
 
 # Instruction sets that decide torch's matmul speed per dtype (bf16 is slow without the last ones).
@@ -37,11 +26,7 @@ FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "am
 
 def cpu_flags() -> list[str]:
     """Which of FLAGS_OF_INTEREST the CPU reports in /proc/cpuinfo (empty where unknown)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return []
+    flags = (cpuinfo_field("flags") or "").split()
     return [flag for flag in FLAGS_OF_INTEREST if flag in flags]
 
 

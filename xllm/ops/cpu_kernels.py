@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from xllm.config import default_cache_dir
+from xllm.sysinfo import cpuinfo_field
 
 logger = logging.getLogger(__name__)
 
@@ -39,14 +40,7 @@ _enabled = True
 
 
 def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    return cpuinfo_field("flags") or platform.processor()
 
 
 def build_name() -> str:
