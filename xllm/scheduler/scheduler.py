@@ -105,13 +105,12 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.append(request)
 
-    def _expire(self, out: SchedulerOutput) -> None:
+    def _expire(self) -> None:
         """End every request whose deadline has passed."""
         now = time.monotonic()
         for request in [r for r in (*self.running, *self.waiting) if r.deadline is not None and r.deadline <= now]:
             self.finish_request(request.request_id, "timeout")
             self._ended_while_scheduling.append(request)
-            out.preempted_ids.append(request.request_id)
 
     def _chunk(self, request: Request, budget: int) -> int:
         remaining = request.tokens_to_compute()
@@ -124,7 +123,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         self.step_count += 1
         out = SchedulerOutput()
-        self._expire(out)
+        self._expire()
         self.running.sort(key=self._rank)  # best first: preemption victims come from the end
         prefill_step = self.config.scheduling_policy == "prefill-first" and (
             self._can_admit_one() or any(r.num_computed_tokens < len(r.prompt_token_ids) for r in self.running)
