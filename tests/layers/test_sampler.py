@@ -167,3 +167,44 @@ def test_logprobs_are_raw_log_softmax_with_ranks_and_top_k():
     tok, lps = Sampler()(logits.clone(), [ctx(p, prompt=[0])])
     assert tok.tolist() == [1] and lps[0].token_ids == [1, 0] and lps[0].ranks == [2, 1]
     assert abs(lps[0].logprobs[0] - float(logits.log_softmax(-1)[0, 1])) < 1e-6
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_candidate_filtering_equals_the_full_sort_where_it_claims_to(seed):
+    from xllm.layers.sampler import candidate_rows
+
+    g = torch.Generator().manual_seed(seed)
+    n, vocab = 8, 3000
+    logits = torch.randn(n, vocab, generator=g) * torch.tensor([1.0, 3.0, 6.0, 9.0] * 2).unsqueeze(1)
+    top_k = torch.tensor([vocab, 40, vocab, 5, vocab, 200, vocab, 1])
+    top_p = torch.tensor([0.9, 1.0, 0.5, 0.8, 0.99, 0.95, 1.0, 0.3])
+    ok, values, ids = candidate_rows(logits, top_k, top_p, limit=256)
+    reference = apply_top_k_top_p(logits, top_k, top_p)
+    assert ok[1] and ok[3] and ok[5] and ok[7]  # top-k within the candidates: always exact
+    assert not ok[6]  # no filter at all: needs the whole vocabulary
+    for i in range(n):
+        if not ok[i]:
+            continue
+        kept = {int(t) for t, v in zip(ids[i], values[i]) if v != float("-inf")}
+        assert kept == {j for j in range(vocab) if reference[i, j] != float("-inf")}, i
+
+
+def test_flat_rows_with_a_wide_top_p_take_the_full_sort():
+    from xllm.layers.sampler import candidate_rows
+
+    logits = torch.zeros(1, 5000)  # uniform: the top 1024 hold ~20% of the mass
+    ok, _, _ = candidate_rows(logits, torch.tensor([5000]), torch.tensor([0.9]))
+    assert not ok[0]
+    sampler = Sampler(0)
+    params = SamplingParams(temperature=1.0, top_p=0.9)
+    tokens = {int(sampler(logits.clone(), [ctx(params)])[0][0]) for _ in range(200)}
+    assert len(tokens) > 150 and max(tokens) < 5000  # spread over the 4,500 kept tokens
+
+
+def test_inverse_cdf_never_picks_a_zero_probability_token():
+    from xllm.layers.sampler import inverse_cdf
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]] * 4)
+    for u in (0.0, 0.25, 0.5, 0.999999, 1.0 - 2**-24):
+        picks = inverse_cdf(probs, torch.full((4,), u))
+        assert set(picks.tolist()) <= {1, 3}

@@ -1,10 +1,16 @@
 """From logits to next tokens.
 
 Order, as in vLLM: logit_bias, min_tokens (stop tokens masked), repetition / frequency / presence
-penalties -> greedy rows take the argmax; the others: temperature, min_p, top-k, top-p, then the
-exponential race argmax(p / E) with E ~ Exp(1) i.i.d., which picks token i with probability p_i.
-Each seeded request draws its E from its own generator, exactly once per sampled token, so its
-text does not depend on what else is in the batch.
+penalties -> greedy rows take the argmax; the others: temperature, min_p, top-k, top-p, then
+inverse-CDF sampling: one uniform u per row, the token where the cumulative probability first
+exceeds u. Each seeded request draws its u from its own generator, exactly once per sampled
+token, so its text does not depend on what else is in the batch.
+
+Top-k / top-p need the most likely tokens in order. Sorting the whole vocabulary per row costs
+more than a decode step's attention here, so rows filter among their `CANDIDATES` most likely
+tokens (a partial sort) whenever that is provably the same as filtering the whole vocabulary:
+top-k within the candidates, or top-p (without top-k) when the candidates already hold at least
+p of the mass. Other rows take the full sort (`apply_top_k_top_p`, also the tests' reference).
 
 Reported logprobs are those of the raw model distribution (before any of the above).
 """
@@ -38,6 +44,42 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: t
         drop[:, 0] = False
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+CANDIDATES = 1024
+
+
+def candidate_rows(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, limit: int = CANDIDATES):
+    """For the rows where filtering among the top `limit` tokens equals filtering the whole
+    vocabulary: (row mask [N] bool, candidate logits [N, C] sorted descending with the filtered ones
+    at -inf, their token ids [N, C]). top_k: [N] (V = off); top_p: [N] (>= 1 = off)."""
+    n, vocab = logits.shape
+    c = min(limit, vocab)
+    values, ids = logits.topk(c, dim=-1)
+    lse = logits.logsumexp(dim=-1, keepdim=True)
+    mass = (values - lse).exp().sum(dim=-1)  # share of the full distribution the candidates hold
+    k_on = top_k < vocab
+    ok = (k_on & (top_k <= c)) | (~k_on & (top_p < 1.0) & (mass >= top_p))
+    ranks = torch.arange(c).unsqueeze(0)
+    values = values.masked_fill(ranks >= top_k.clamp(max=c).unsqueeze(1), float("-inf"))
+    # top-p over the (top-k filtered) distribution: normalized over the kept candidates when top-k
+    # is on (they are its whole support), over the full vocabulary otherwise.
+    norm = torch.where(k_on.unsqueeze(1), values.logsumexp(dim=-1, keepdim=True), lse)
+    probs = (values - norm).exp()
+    mass_before = probs.cumsum(dim=-1) - probs
+    threshold = torch.where(top_p >= 1.0, torch.full_like(top_p, float("inf")), top_p)
+    drop = mass_before >= threshold.unsqueeze(1)
+    drop[:, 0] = False
+    return ok, values.masked_fill(drop, float("-inf")), ids
+
+
+def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Index drawn from each row of `probs` (unnormalized, >= 0) with one uniform in [0, 1) per row;
+    never an index of probability 0."""
+    cdf = probs.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    x = torch.minimum(uniforms.unsqueeze(1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, x, right=True).squeeze(1)
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -156,10 +198,26 @@ class Sampler:
             top_k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params])
         if any(p.top_p < 1.0 for p in params):
             top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
-        probs = apply_top_k_top_p(logits, top_k, top_p).softmax(dim=-1)
-        noise = torch.ones_like(probs)
+        uniforms = torch.empty(n)
         for i in range(n):
-            if not greedy_rows[i]:
-                noise[i].exponential_(generator=contexts[i].generator or self.generator)
-        sampled = (probs / noise).argmax(dim=-1)
-        return torch.where(torch.tensor(greedy_rows), argmax, sampled)
+            uniforms[i] = 0.0 if greedy_rows[i] else torch.rand(1, generator=contexts[i].generator or self.generator)
+        sampled = torch.empty(n, dtype=torch.long)
+        greedy = torch.tensor(greedy_rows)
+        full = ~greedy  # rows sampled over the whole vocabulary
+        if top_k is not None or top_p is not None:
+            top_k = top_k if top_k is not None else torch.full((n,), vocab)
+            top_p = top_p if top_p is not None else torch.ones(n)
+            ok, values, ids = candidate_rows(logits, top_k, top_p)
+            ok &= ~greedy
+            if ok.any():
+                rows = ok.nonzero().squeeze(1)
+                pick = inverse_cdf(values[rows].softmax(dim=-1), uniforms[rows])
+                sampled[rows] = ids[rows].gather(1, pick.unsqueeze(1)).squeeze(1)
+                full &= ~ok
+        if full.any():
+            rows = full.nonzero().squeeze(1)
+            sub = logits[rows]
+            if top_k is not None or top_p is not None:
+                sub = apply_top_k_top_p(sub, top_k[rows], top_p[rows])
+            sampled[rows] = inverse_cdf(sub.softmax(dim=-1), uniforms[rows])
+        return torch.where(greedy, argmax, sampled)
