@@ -121,3 +121,81 @@ def test_promotion_never_evicts_its_own_chain():
     assert len(hits) == 2 and len(set(hits)) == 2  # a third promotion would evict the first
     assert [m.pool.block_hash[b] for b in hits] == hashes[:2]
     m.check_invariants()
+
+
+def test_disk_reads_run_in_the_background_and_the_request_waits(tmp_path, monkeypatch):
+    import threading
+
+    import xllm.kv.tiers as tiers_module
+
+    gate = threading.Event()
+    real_read = tiers_module.read_entry
+
+    def slow_read(path):
+        gate.wait(5)
+        return real_read(path)
+
+    monkeypatch.setattr(tiers_module, "read_entry", slow_read)
+    kv = caches(num_blocks=6)
+    tiers = KVTiers(kv, host_blocks=0, disk_folder=str(tmp_path), disk_bytes=1 << 24)
+    m = KVCacheManager(6, block_size=4, tiers=tiers)
+    prompt = list(range(100, 113))
+    m.allocate_slots("a", 13)
+    m.cache_computed("a", prompt, 13)
+    content = [block(kv, b).clone() for b in m.block_ids("a")[:3]]
+    m.free("a")
+    m.allocate_slots("x", 24)  # evicts a's blocks: demoted straight to disk (no host tier)
+    m.free("x")
+    assert len(tiers.disk) == 3
+    hits = m.find_cached_prefix("b", prompt, wait_for_loads=False)
+    assert hits == [] and m.loads_pending  # reads started, nothing promoted yet
+    gate.set()
+    for f in list(tiers._loading.values()):
+        f.result(5)
+    hits = m.find_cached_prefix("b", prompt, wait_for_loads=False)
+    assert len(hits) == 3 and not m.loads_pending and tiers.hits["disk"] == 3
+    for b, want in zip(hits, content):
+        assert torch.equal(block(kv, b), want)
+    m.check_invariants()
+
+
+def test_scheduler_lets_a_request_wait_for_its_disk_reads_while_others_run(tmp_path, monkeypatch):
+    import threading
+
+    import xllm.kv.tiers as tiers_module
+    from xllm.config import SchedulerConfig
+    from xllm.sampling_params import SamplingParams
+    from xllm.scheduler.output import RunnerOutput
+    from xllm.scheduler.request import Request
+    from xllm.scheduler.scheduler import Scheduler
+
+    gate = threading.Event()
+    real_read = tiers_module.read_entry
+    monkeypatch.setattr(tiers_module, "read_entry", lambda path: (gate.wait(5), real_read(path))[1])
+    kv = caches(num_blocks=8)
+    tiers = KVTiers(kv, host_blocks=0, disk_folder=str(tmp_path), disk_bytes=1 << 24)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64), KVCacheManager(8, 4, tiers=tiers))
+    prompt = list(range(100, 113))
+
+    def request(rid, tokens, max_tokens):
+        return Request(rid, tokens, SamplingParams(max_tokens=max_tokens), frozenset(), max_tokens)
+
+    def step():
+        out = sched.schedule()
+        sched.update(out, RunnerOutput({s.request_id: 7 for s in out.scheduled if s.sample}))
+        return {s.request_id: (s.start_pos, len(s.token_ids)) for s in out.scheduled}
+
+    sched.add(request("a", prompt, 1))
+    step()  # a computed, cached, finished
+    sched.add(request("big", list(range(500, 528)), 30))  # 7 blocks: evicts a's blocks to disk
+    step()
+    assert len(tiers.disk) == 2  # a's first block is still on the device, the other two went to disk
+    sched.add(request("b", prompt, 1))
+    assert step() == {"big": (28, 1)}  # b's reads are in flight: it waits, big decodes
+    gate.set()
+    for f in list(tiers._loading.values()):
+        f.result(5)
+    sched.abort("big")
+    got = step()
+    # big's first decode took the last free block, evicting a's first block to disk as well.
+    assert got == {"b": (12, 1)} and tiers.hits["disk"] == 3

@@ -33,6 +33,7 @@ class KVCacheManager:
         self._blocks: dict[str, list[int]] = {}
         self._hashes: dict[str, list[bytes]] = {}  # per request: hashes of its full blocks so far
         self._num_cached: dict[str, int] = {}  # per request: leading blocks already filed in the index
+        self.loads_pending = False  # the last lookup found its chain still being read from disk
         self.prefix_cache_queries = 0  # prompt tokens looked up
         self.prefix_cache_hits = 0  # of which found in the cache
 
@@ -86,15 +87,24 @@ class KVCacheManager:
             extend_hashes(hashes, token_ids, self.block_size, num_blocks, cache_salt)
         return hashes
 
-    def find_cached_prefix(self, request_id: str, token_ids: list[int], cache_salt: str | None = None) -> list[int]:
+    def find_cached_prefix(
+        self, request_id: str, token_ids: list[int], cache_salt: str | None = None, wait_for_loads: bool = True
+    ) -> list[int]:
         """Blocks of the longest cached prefix of `token_ids` (full blocks, leaving at least one token
-        to compute). The caller passes them to `allocate_slots` and counts `record_lookup`."""
+        to compute). The caller passes them to `allocate_slots` and counts `record_lookup`. When the
+        chain goes on into the disk tier, the reads start in the background; without
+        `wait_for_loads` the call returns the device part at once and sets `loads_pending`, and the
+        caller asks again later."""
         if not self.enable_caching:
             return []
         max_blocks = (len(token_ids) - 1) // self.block_size
         hashes = self._request_hashes(request_id, token_ids, max_blocks, cache_salt)[:max_blocks]
         blocks = self.pool.lookup(hashes)
+        self.loads_pending = False
         if self.tiers is not None and len(blocks) < len(hashes) and self.tiers.tier_of(hashes[len(blocks)]):
+            if self.tiers.load_pending(hashes[len(blocks) :], wait=wait_for_loads):
+                self.loads_pending = True  # the caller should let this request wait a step
+                return blocks
             self.pool.touch(blocks)  # pin the device part of the chain while promotions allocate
             promoted = self._promote(hashes[len(blocks) :], set())
             self.pool.free(blocks[::-1])

@@ -20,6 +20,7 @@ import logging
 import os
 import struct
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -27,6 +28,23 @@ logger = logging.getLogger(__name__)
 
 _MAGIC = b"XLLMKV01"
 _HEADER = struct.Struct("<8s32sQ")  # magic, sha256 of the payload, payload length
+
+
+def read_entry(path: str) -> bytes | None:
+    """A disk entry's payload if the file is whole and its checksum matches, else None. Pure (no
+    shared state), so it runs in a worker thread."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    if len(data) < _HEADER.size:
+        return None
+    magic, digest, length = _HEADER.unpack_from(data)
+    payload = data[_HEADER.size :]
+    if magic != _MAGIC or length != len(payload) or hashlib.sha256(payload).digest() != digest:
+        return None
+    return payload
 
 
 class DiskTier:
@@ -93,23 +111,24 @@ class DiskTier:
         """The payload, or None when absent or damaged (a damaged entry is deleted)."""
         if block_hash not in self._index:
             return None
-        path = self._path(block_hash)
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            del self._index[block_hash]
+        return self.settle(block_hash, read_entry(self._path(block_hash)))
+
+    def read_async(self, block_hash: bytes, pool) -> object:
+        """Start reading and checking an entry in `pool` (a thread pool); `settle` its result later."""
+        return pool.submit(read_entry, self._path(block_hash))
+
+    def settle(self, block_hash: bytes, payload: bytes | None) -> bytes | None:
+        """Account for a read of `block_hash`: a damaged or vanished entry leaves the index."""
+        if block_hash not in self._index:
             return None
-        ok = len(data) >= _HEADER.size
-        if ok:
-            magic, digest, length = _HEADER.unpack_from(data)
-            payload = data[_HEADER.size :]
-            ok = magic == _MAGIC and length == len(payload) and hashlib.sha256(payload).digest() == digest
-        if not ok:
+        if payload is None:
             self.num_corrupt += 1
-            logger.warning("disk KV entry %s is damaged; ignored and deleted (the block is recomputed)", path)
+            logger.warning("disk KV entry %s is damaged or gone; ignored (the block is recomputed)", block_hash.hex())
             del self._index[block_hash]
-            os.unlink(path)
+            try:
+                os.unlink(self._path(block_hash))
+            except FileNotFoundError:
+                pass
             return None
         self._index.move_to_end(block_hash)
         return payload
@@ -133,6 +152,12 @@ class KVTiers:
         self._host_free = list(range(host_blocks))
         self.disk = DiskTier(disk_folder, disk_bytes) if disk_folder and disk_bytes > 0 else None
         self.hits = {"host": 0, "disk": 0}  # blocks promoted from each tier
+        # Disk reads run here, off the scheduling path; a request whose chain goes on into the disk
+        # tier waits (running requests keep stepping) until its blocks are read and checked.
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xllm-kv-disk") if self.disk is not None else None
+        self._loading: dict[bytes, Future] = {}
+        # Blocks read ahead from disk, waiting for their promotion (bounded; the oldest are dropped).
+        self._staged: OrderedDict[bytes, torch.Tensor] = OrderedDict()
 
     @property
     def block_bytes(self) -> int:
@@ -141,7 +166,7 @@ class KVTiers:
     def tier_of(self, block_hash: bytes) -> str | None:
         if block_hash in self._host_index:
             return "host"
-        if self.disk is not None and block_hash in self.disk:
+        if block_hash in self._staged or (self.disk is not None and block_hash in self.disk):
             return "disk"
         return None
 
@@ -151,6 +176,9 @@ class KVTiers:
     def _write_block(self, block: int, data: torch.Tensor) -> None:
         for cache, rows in zip(self.kv_caches, data):
             cache[:, block].copy_(rows)
+
+    def _from_payload(self, payload: bytes) -> torch.Tensor:
+        return torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(self.dtype).view(self.block_shape)
 
     def _payload(self, data: torch.Tensor) -> bytes:
         return data.contiguous().view(torch.uint8).numpy().tobytes()
@@ -172,6 +200,36 @@ class KVTiers:
         self._host[slot].copy_(data)
         self._host_index[block_hash] = slot
 
+    def load_pending(self, hashes: list[bytes], wait: bool = False) -> bool:
+        """For a chain whose next blocks are on disk: read them in the background (all of the chain's
+        leading disk blocks at once) and return True while some are still being read. Finished
+        reads are checked and staged for `promote` (a damaged entry ends the chain there). With
+        `wait`, block until the reads are done (when nothing else could run meanwhile)."""
+        if self.disk is None:
+            return False
+        pending = False
+        for h in hashes:
+            if h in self._host_index or h in self._staged:
+                continue
+            future = self._loading.get(h)
+            if future is None:
+                if h not in self.disk:
+                    break
+                future = self._loading[h] = self.disk.read_async(h, self._reader)
+            if wait:
+                future.result()
+            if not future.done():
+                pending = True
+                continue
+            del self._loading[h]
+            payload = self.disk.settle(h, future.result())
+            if payload is None:
+                break
+            self._staged[h] = self._from_payload(payload)
+            while len(self._staged) > 4096:
+                self._staged.popitem(last=False)
+        return pending
+
     def demote(self, block: int, block_hash: bytes) -> None:
         """Device block `block` (holding `block_hash`) is about to be reused: keep its content below."""
         self._host_put(block_hash, self._read_block(block))
@@ -184,10 +242,12 @@ class KVTiers:
             self._write_block(block, self._host[slot])
             self.hits["host"] += 1
             return True
-        payload = self.disk.get(block_hash) if self.disk is not None else None
-        if payload is None:
-            return False
-        data = torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(self.dtype).view(self.block_shape)
+        data = self._staged.pop(block_hash, None)
+        if data is None:
+            payload = self.disk.get(block_hash) if self.disk is not None else None
+            if payload is None:
+                return False
+            data = self._from_payload(payload)
         self._write_block(block, data)
         self._host_put(block_hash, data)  # recently used: keep it in the faster tier too
         self.hits["disk"] += 1

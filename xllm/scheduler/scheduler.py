@@ -229,6 +229,8 @@ class Scheduler:
         if request.share_prompt_with is not None and not self._share_prompt(request):
             return None  # its sibling is still computing the prompt; take it next step
         cached = self._cached_prefix(request)
+        if self.kv.loads_pending:
+            return None  # its prefix is being read from disk; running requests step meanwhile
         hit = len(cached) * self.kv.block_size
         remaining = request.num_tokens - request.num_computed_tokens - hit
         cap = self.config.max_prefill_chunk if not whole else None
@@ -261,9 +263,14 @@ class Scheduler:
     def _cached_prefix(self, request: Request) -> list[int]:
         """Prefix-cache hits for a request about to be admitted with nothing computed or held.
         Requests that want prompt logprobs compute their whole prompt (they need every position)."""
+        self.kv.loads_pending = False
         if request.num_computed_tokens or self.kv.block_ids(request.request_id) or request.params.prompt_logprobs is not None:
             return []
-        return self.kv.find_cached_prefix(request.request_id, request.all_token_ids, request.cache_salt)
+        # With requests running, a disk read in flight makes this one wait a step (they keep going);
+        # with none, waiting for the read is the only work there is.
+        return self.kv.find_cached_prefix(
+            request.request_id, request.all_token_ids, request.cache_salt, wait_for_loads=not self.running
+        )
 
     def _share_prompt(self, request: Request) -> bool:
         """Before admitting sample i > 0 of an n > 1 request: reuse sample 0's prompt blocks.
