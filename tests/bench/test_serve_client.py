@@ -268,7 +268,7 @@ def test_flags_make_the_config():
 
 
 def test_prefix_cache_counters_from_prometheus_text():
-    from xllm.bench.serve import prefix_cache_counters
+    from xllm.bench.serve_stats import prefix_cache_counters
 
     xllm_text = (
         "# TYPE xllm:prefix_cache_queries counter\n"

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
 from xllm.bench.serve_report import format_report
 from xllm.bench.serve_stats import (
@@ -38,6 +37,8 @@ from xllm.bench.serve_stats import (
     SLO_RULE,
     RateSearch,
     RequestRecord,
+    prefix_cache_counters,
+    prefix_cache_delta,
     search_max_rate,
     summarize_run,
 )
@@ -193,23 +194,6 @@ def normalize_base_url(base_url: str) -> str:
     """The URL without a trailing slash or /v1, which both spellings of a base URL may carry."""
     url = base_url.rstrip("/")
     return url[: -len("/v1")] if url.endswith("/v1") else url
-
-
-def prefix_cache_counters(metrics_text: str) -> tuple[float, float] | None:
-    """Sum the prefix-cache query and hit counters (any engine prefix, any labels) in Prometheus text."""
-    totals = {"queries": 0.0, "hits": 0.0}
-    seen = False
-    try:
-        for family in text_string_to_metric_families(metrics_text):
-            kind = family.name.rsplit(":", 1)[-1].removesuffix("_total")
-            if kind in ("prefix_cache_queries", "prefix_cache_hits"):
-                seen = True
-                totals[kind.removeprefix("prefix_cache_")] += sum(
-                    x.value for x in family.samples if x.name.endswith("_total")
-                )
-    except ValueError:  # not Prometheus text
-        return None
-    return (totals["queries"], totals["hits"]) if seen else None
 
 
 class ServerClient:
@@ -407,8 +391,7 @@ def run_benchmark(config: ServeBenchConfig) -> dict:
             after = runner.run(client.prefix_cache_counters())
             summary = summarize_run(records, duration, slo)
             if before is not None and after is not None:
-                queried, hit = after[0] - before[0], after[1] - before[1]
-                summary["prefix_cache"] = {"queried_tokens": queried, "hit_tokens": hit, "hit_rate": hit / queried if queried else None}
+                summary["prefix_cache"] = prefix_cache_delta(before, after)
             report["runs"].append({
                 "label": client.label,
                 "request_rate": rate,

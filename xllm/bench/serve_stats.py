@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 # How a run is judged against the SLO (also printed in the report).
 SLO_RULE = (
@@ -223,3 +224,26 @@ def search_max_rate(
         else:
             failing = middle
     return RateSearch(best_rate=passing or None, capped=False, evaluations=evaluations)
+
+
+def prefix_cache_counters(metrics_text: str) -> tuple[float, float] | None:
+    """Sum the prefix-cache query and hit counters (any engine prefix, any labels) in Prometheus text."""
+    totals = {"queries": 0.0, "hits": 0.0}
+    seen = False
+    try:
+        for family in text_string_to_metric_families(metrics_text):
+            kind = family.name.rsplit(":", 1)[-1].removesuffix("_total")
+            if kind in ("prefix_cache_queries", "prefix_cache_hits"):
+                seen = True
+                totals[kind.removeprefix("prefix_cache_")] += sum(
+                    x.value for x in family.samples if x.name.endswith("_total")
+                )
+    except ValueError:  # not Prometheus text
+        return None
+    return (totals["queries"], totals["hits"]) if seen else None
+
+
+def prefix_cache_delta(before: tuple[float, float], after: tuple[float, float]) -> dict:
+    """What a run added to a server's prefix-cache counters: tokens queried, hit, and the hit rate."""
+    queried, hit = after[0] - before[0], after[1] - before[1]
+    return {"queried_tokens": queried, "hit_tokens": hit, "hit_rate": hit / queried if queried else None}
