@@ -228,8 +228,8 @@ class Scheduler:
         fits); returns the tokens scheduled, or None if it cannot start now (admission stops)."""
         if request.share_prompt_with is not None and not self._share_prompt(request):
             return None  # its sibling is still computing the prompt; take it next step
-        cached = self._cached_prefix(request)
-        if self.kv.loads_pending:
+        cached, reading = self._cached_prefix(request)
+        if reading:
             return None  # its prefix is being read from disk; running requests step meanwhile
         hit = len(cached) * self.kv.block_size
         remaining = request.num_tokens - request.num_computed_tokens - hit
@@ -260,17 +260,18 @@ class Scheduler:
         self.running.append(request)
         return num_new
 
-    def _cached_prefix(self, request: Request) -> list[int]:
-        """Prefix-cache hits for a request about to be admitted with nothing computed or held.
-        Requests that want prompt logprobs compute their whole prompt (they need every position)."""
-        self.kv.loads_pending = False
+    def _cached_prefix(self, request: Request) -> tuple[list[int], bool]:
+        """Prefix-cache hits for a request about to be admitted with nothing computed or held, and
+        whether more of its prefix is still being read from disk. Requests that want prompt
+        logprobs compute their whole prompt (they need every position)."""
         if request.num_computed_tokens or self.kv.block_ids(request.request_id) or request.params.prompt_logprobs is not None:
-            return []
+            return [], False
         # With requests running, a disk read in flight makes this one wait a step (they keep going);
         # with none, waiting for the read is the only work there is.
-        return self.kv.find_cached_prefix(
+        blocks = self.kv.find_cached_prefix(
             request.request_id, request.all_token_ids, request.cache_salt, wait_for_loads=not self.running
         )
+        return blocks, self.kv.loads_pending
 
     def _share_prompt(self, request: Request) -> bool:
         """Before admitting sample i > 0 of an n > 1 request: reuse sample 0's prompt blocks.
