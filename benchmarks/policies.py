@@ -1,10 +1,11 @@
 """The batch policies side by side: TTFT, inter-token latency and throughput on a mixed workload.
 
-One `xllm serve` per policy (chunked, prefill-first, decode-first), all up at once; the
-ShareGPT-like mix (long prompts arriving among ongoing decodes) at Poisson rates through
-`xllm bench serve`, the servers interleaved, repeated; medians of the per-run figures.
+One `xllm serve` per policy (chunked, prefill-first, decode-first) and overlap setting (on, the
+default, and `--no-overlap`), all up at once; the ShareGPT-like mix (long prompts arriving among
+ongoing decodes) at Poisson rates through `xllm bench serve`, the servers interleaved, repeated;
+medians of the per-run figures, as a table and a plot (TTFT p50 against ITL p99: the trade-off).
 
-    python benchmarks/policies.py [--rates 0.5] [--num-prompts 24] [--repeats 2]
+    python benchmarks/policies.py [--rates 0.5] [--num-prompts 24] [--repeats 2] [--overlap both]
 """
 
 from __future__ import annotations
@@ -27,6 +28,29 @@ METRICS = (("TTFT p50", "ttft_ms", "median"), ("TTFT p99", "ttft_ms", "p99"), ("
            ("ITL p99", "itl_ms", "p99"), ("TPOT p50", "tpot_ms", "median"))
 
 
+def plot_tradeoff(runs: dict[tuple[str, float], list[dict]], path: str) -> None:
+    """TTFT p50 (x) against ITL p99 (y), a point per policy and overlap setting at each rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for (label, rate), summaries in runs.items():
+        ttft = statistics.median(s["ttft_ms"]["median"] for s in summaries)
+        itl = statistics.median(s["itl_ms"]["p99"] for s in summaries)
+        marker = "o" if "no-overlap" not in label else "x"
+        ax.scatter([ttft], [itl], marker=marker, s=60)
+        ax.annotate(f"{label} @ {rate:g}", (ttft, itl), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("TTFT p50 (ms)")
+    ax.set_ylabel("ITL p99 (ms)")
+    ax.set_title("Batch policies: first-token latency against inter-token tail")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rates", default="0.5")
@@ -34,7 +58,10 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--extra", default="", help="extra `xllm serve` flags for every server")
+    ap.add_argument("--overlap", default="both", choices=["both", "on", "off"])
+    ap.add_argument("--kv-cache-memory", default="0.5", help="GiB of KV cache per server (several run at once)")
     args = ap.parse_args()
+    overlaps = {"both": (True, False), "on": (True,), "off": (False,)}[args.overlap]
     rates = tuple(float(r) for r in args.rates.split(","))
     stamp = f"{datetime.datetime.now():%Y-%m-%d-%H%M%S}"
     out_dir = os.path.join(os.path.dirname(__file__), "results", f"policies-{stamp}")
@@ -43,9 +70,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as logs, contextlib.ExitStack() as stack:
         urls = {}
         for policy in POLICIES:
-            server = stack.enter_context(launch_xllm(logs, "--scheduling-policy", policy, "--served-model-name", "model",
-                                                     *args.extra.split(), threads=args.threads))
-            urls[policy] = server.url
+            for overlap in overlaps:
+                flags = ["--scheduling-policy", policy, "--served-model-name", "model", "--kv-cache-memory", args.kv_cache_memory]
+                server = stack.enter_context(launch_xllm(logs, *flags, *([] if overlap else ["--no-overlap"]),
+                                                         *args.extra.split(), threads=args.threads))
+                urls[policy if overlap else f"{policy} no-overlap"] = server.url
         for repeat in range(args.repeats):
             cfg = ServeBenchConfig.create(
                 base_urls=tuple(urls.values()), labels=tuple(urls), models=("model",), dataset="sharegpt",
@@ -66,6 +95,7 @@ def main() -> int:
     print(table(rows))
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump({"args": vars(args), "runs": {f"{p}@{r}": v for (p, r), v in runs.items()}}, f, indent=1)
+    plot_tradeoff(runs, os.path.join(out_dir, "tradeoff.png"))
     print(f"wrote {out_dir}")
     return 0
 

@@ -51,6 +51,9 @@ class ModelConfig:
     tokenizer: str | None = None  # override; by default the model's own
 
 
+KV_LAYOUTS = ("paged", "xtensor")
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16
@@ -62,6 +65,15 @@ class CacheConfig:
     kv_host_memory_gib: float = 0.0  # 0 = no host tier
     kv_disk_dir: str | None = None  # None = no disk tier
     kv_disk_gib: float = 4.0  # bound of the disk tier's folder
+    # "paged": per-layer block tensors read through block tables; "xtensor": a physical page pool
+    # with one contiguous virtual range per sequence (kv/xtensor.py)
+    kv_layout: str = "paged"
+
+    def __post_init__(self) -> None:
+        if self.kv_layout not in KV_LAYOUTS:
+            raise ValueError(f"kv_layout must be one of {', '.join(KV_LAYOUTS)}, got {self.kv_layout!r}")
+        if self.block_size < 1:
+            raise ValueError("block_size must be >= 1")
 
 
 SCHEDULING_POLICIES = ("chunked", "prefill-first", "decode-first")
@@ -102,6 +114,8 @@ class EngineConfig:
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads; None = torch's default
     compiled_kernels: bool = True  # use the built C++ CPU kernels (xllm/ops/cpu_kernels.py) when present
+    # Detokenize and stream one step's tokens in a helper thread while the next step computes.
+    overlap: bool = True
 
     @classmethod
     def create(cls, **kwargs) -> "EngineConfig":

@@ -238,6 +238,9 @@ class AsyncLLM:
             torch.set_num_threads(engine.config.num_threads)  # OpenMP settings are per thread
         if self._stopping:
             return
+        # With overlap on, a step's outputs are ready in the engine's helper thread while the next
+        # step computes: they go to the event loop from there, not one step later from here.
+        engine.output_sink = lambda outputs: self._loop.call_soon_threadsafe(self._dispatch, outputs)
         try:
             while not self._stopping:
                 self._drain_commands()

@@ -6,12 +6,18 @@ returns what changed, detokenized incrementally, with stop strings applied. Bad 
 
 A request with n > 1 becomes n scheduler requests ("samples"); samples 1..n-1 reuse the KV
 blocks of sample 0's prompt. The engine gathers them back into one `RequestOutput`.
+
+By default the output processing of one step (detokenization, stop strings, outputs) runs in a
+helper thread while the next step computes (`step`); `EngineConfig.overlap=False` runs them in turn.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -24,12 +30,22 @@ from xllm.models.loader import load_model
 from xllm.ops import cpu_kernels
 from xllm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
 from xllm.sampling_params import SamplingParams
-from xllm.scheduler.output import RunnerOutput, TokenLogprobs
+from xllm.scheduler.output import RunnerOutput, SchedulerOutput, TokenLogprobs
 from xllm.scheduler.request import Request
 from xllm.scheduler.scheduler import Scheduler
 from xllm.worker.model_runner import ModelRunner, kv_bytes_per_block
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepTiming:
+    """Where the engine loop's time goes (seconds, summed over steps); `benchmarks/overlap.py` reads it."""
+
+    steps: int = 0
+    wall_s: float = 0.0  # whole turns of `step`
+    process_s: float = 0.0  # detokenization, stop strings, outputs
+    wait_s: float = 0.0  # overlapped: waiting for the helper after the forward pass
 
 
 @dataclass
@@ -74,7 +90,10 @@ class LLMEngine:
         if max_len > limit:
             raise ValueError(f"max_model_len {max_len} exceeds the model's context length {limit}")
         self.max_model_len = max_len
-        self.runner = ModelRunner(loaded.model, loaded.arch, config.cache, loaded.dtype, seed=config.seed)
+        self.runner = ModelRunner(
+            loaded.model, loaded.arch, config.cache, loaded.dtype, seed=config.seed, max_model_len=max_len,
+            max_num_seqs=config.scheduler.max_num_seqs,
+        )
         self.kv = KVCacheManager(
             self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching, self._tiers(config.cache)
         )
@@ -84,6 +103,11 @@ class LLMEngine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
         self._ids = itertools.count()
+        # Overlap: a step's output processing runs in this helper thread while the next step computes.
+        self._helper = ThreadPoolExecutor(1, "xllm-outputs") if config.overlap else None
+        self._pending: tuple[SchedulerOutput, list[Request], RunnerOutput] | None = None  # recorded, not yet processed
+        self.output_sink: Callable[[list[RequestOutput]], None] | None = None
+        self.timing = StepTiming()
         self._groups: dict[str, _Group] = {}
         self._sample_group: dict[str, tuple[_Group, int]] = {}  # scheduler request id -> (group, index)
         self._token_text: dict[int, str] = {}
@@ -195,7 +219,7 @@ class LLMEngine:
         return self._output(group)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._groups)
+        return bool(self._groups) or self._pending is not None
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -203,10 +227,65 @@ class LLMEngine:
 
     # ---- the loop -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One turn of the loop; returns the requests whose output changed.
+
+        Serial (`overlap=False`): schedule, run the step, record its tokens, detokenize. Overlapped
+        (the default): the step N+1 is scheduled as soon as step N's tokens are recorded (and
+        token-level stops applied), and while its forward pass runs on this thread, a helper
+        thread detokenizes step N's tokens, applies stop strings and builds the outputs. Those
+        go to `output_sink` from the helper at once when one is set (the server streams them while
+        N+1 computes); otherwise this call returns them, one turn later. A request that a stop
+        string ends still has its token in N+1 computed, then dropped. The forward pass stays on
+        the calling thread: the thread that runs torch's parallel regions must be the one that
+        always does (AsyncLLM's note on OpenMP teams); the helper runs Python only."""
+        started = time.perf_counter()
+        if self._helper is None:
+            scheduled = self.scheduler.schedule()
+            result = self._run(scheduled)
+            outputs = self._process(scheduled, self.scheduler.update(scheduled, result), result)
+        else:
+            outputs = self._step_overlapped()
+        self.timing.steps += 1
+        self.timing.wall_s += time.perf_counter() - started
+        return outputs
+
+    def _run(self, scheduled: SchedulerOutput) -> RunnerOutput:
+        if scheduled.is_empty:
+            self.runner.release(scheduled.freed_ids)
+            return RunnerOutput()
+        return self.runner.execute(scheduled)
+
+    def _step_overlapped(self) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()
-        result = self.runner.execute(scheduled) if not scheduled.is_empty else RunnerOutput()
+        pending, self._pending = self._pending, None
+        processing = self._helper.submit(self._process_to_sink, *pending) if pending is not None else None
+        try:
+            result = self._run(scheduled)  # step N+1 computes while the helper processes step N
+        finally:
+            waited = time.perf_counter()
+            outputs = processing.result() if processing is not None else []
+            self.timing.wait_s += time.perf_counter() - waited
+        changed = self.scheduler.update(scheduled, result)
+        if scheduled.is_empty:  # nothing computed: report what this turn ended (timeouts) now
+            outputs += self._process_to_sink(scheduled, changed, result)
+        elif changed or result.prompt_logprobs:  # else only dropped tokens of requests already ended
+            self._pending = (scheduled, changed, result)
+        return outputs
+
+    def _process_to_sink(self, scheduled: SchedulerOutput, requests: list[Request], result: RunnerOutput) -> list[RequestOutput]:
+        outputs = self._process(scheduled, requests, result)
+        if self.output_sink is not None and outputs:
+            self.output_sink(outputs)
+            return []
+        return outputs
+
+    def _process(self, scheduled: SchedulerOutput, requests: list[Request], result: RunnerOutput) -> list[RequestOutput]:
+        """Detokenize the step's new tokens, apply stop strings, build the changed requests' outputs."""
+        started = time.perf_counter()
         changed: dict[str, _Group] = {}
-        for request in self.scheduler.update(scheduled, result):
+        for request in requests:
+            if request.request_id not in self._sample_group:
+                continue  # aborted after its step was recorded: its output was already final
             group, index = self._sample_group[request.request_id]
             sample = group.samples[index]
             check = len(request.output_token_ids) >= request.params.min_tokens
@@ -218,7 +297,9 @@ class LLMEngine:
             if item.request_id in result.prompt_logprobs and item.request_id in self._sample_group:
                 group = self._sample_group[item.request_id][0]
                 changed[group.request_id] = group
-        return [self._output(g) for g in changed.values()]
+        outputs = [self._output(g) for g in changed.values()]
+        self.timing.process_s += time.perf_counter() - started
+        return outputs
 
     # ---- outputs --------------------------------------------------------------------------
     def token_text(self, token_id: int) -> str | None:

@@ -31,6 +31,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None, help="context limit in tokens (default: the model's)")
     g.add_argument("--kv-cache-memory", type=float, default=2.0, metavar="GIB", help="memory for the KV cache in GiB (default 2)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default 16)")
+    g.add_argument("--kv-layout", default="paged", choices=["paged", "xtensor"],
+                   help="paged: block tensors read through block tables (default); xtensor: one physical page pool, "
+                   "each sequence's KV a contiguous virtual range with pages mapped in as it grows (a page = a block)")
     g.add_argument(
         "--no-enable-prefix-caching",
         dest="enable_prefix_caching",
@@ -66,6 +69,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="run every matmul through torch, not the C++ kernels built by `xllm build-kernels`",
     )
+    g.add_argument("--no-overlap", dest="overlap", action="store_false",
+                   help="run each step's output processing (detokenization, stop strings, streaming) before "
+                   "launching the next step, instead of while it computes")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log verbosity on stderr (default info)")
 
 
@@ -76,6 +82,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_model_len=args.max_model_len,
         kv_cache_memory_gib=args.kv_cache_memory,
         block_size=args.block_size,
+        kv_layout=args.kv_layout,
         enable_prefix_caching=args.enable_prefix_caching,
         kv_host_memory_gib=args.kv_host_memory,
         kv_disk_dir=args.kv_disk_dir,
@@ -89,6 +96,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         num_threads=args.threads,
         seed=args.seed,
         compiled_kernels=args.compiled_kernels,
+        overlap=args.overlap,
     )
 
 

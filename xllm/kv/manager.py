@@ -34,6 +34,7 @@ class KVCacheManager:
         self._hashes: dict[str, list[bytes]] = {}  # per request: hashes of its full blocks so far
         self._num_cached: dict[str, int] = {}  # per request: leading blocks already filed in the index
         self.loads_pending = False  # the last lookup found its chain still being read from disk
+        self._freed: list[str] = []  # requests whose blocks were freed since the last `take_freed`
         self.prefix_cache_queries = 0  # prompt tokens looked up
         self.prefix_cache_hits = 0  # of which found in the cache
 
@@ -74,8 +75,15 @@ class KVCacheManager:
         blocks = self._blocks.pop(request_id, None)
         self._hashes.pop(request_id, None)
         self._num_cached.pop(request_id, None)
+        if blocks is not None:
+            self._freed.append(request_id)
         if blocks:
             self.pool.free(blocks[::-1])  # tail first: evicted before the (more shareable) head
+
+    def take_freed(self) -> list[str]:
+        """Request ids freed since the last call (the runner drops their per-request KV state, e.g. xtensor ranges)."""
+        freed, self._freed = self._freed, []
+        return freed
 
     def usage(self) -> float:
         return self.pool.usage()

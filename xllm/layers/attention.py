@@ -18,10 +18,12 @@ class Attention(nn.Module):
         self.scale = scale
         # [2, num_blocks, block_size, Hkv, D]; bound by the model runner when it allocates the cache.
         self.kv_cache: torch.Tensor | None = None
+        # xtensor layout: (K, V) views of the per-sequence ranges [slots, pages, block_size, Hkv, D]; else None
+        self.kv_ranges: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, H, D]; k, v: [T, Hkv, D] -> [T, H*D]."""
         if self.kv_cache is None:
             raise RuntimeError("attention layer has no KV cache bound")
-        out = paged_attention(q, k, v, self.kv_cache, get_attn_metadata(), self.scale)
+        out = paged_attention(q, k, v, self.kv_cache, get_attn_metadata(), self.scale, self.kv_ranges)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)

@@ -28,6 +28,7 @@ class PrefillSeq:
     context_len: int  # tokens already in the cache before this step
     block_ids: torch.Tensor  # [num_blocks_for(context_len + q_len)] long
     mask: torch.Tensor | None  # [q_len, context_len + q_len] bool (True = attend); None if context_len == 0
+    slot: int | None = None  # xtensor layout: the sequence's range
 
 
 @dataclass
@@ -39,15 +40,16 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None  # [Bd, 1, 1, max_blocks * block_size] float additive (0 / -inf)
     block_size: int
     decode_seq_lens: torch.Tensor | None = None  # [Bd] long: tokens in cache incl. the new one
+    decode_slots: torch.Tensor | None = None  # [Bd] long: xtensor layout, each decode's range (no table, no mask)
 
 
-def build_prefill(q_start: int, q_len: int, context_len: int, block_ids: torch.Tensor) -> PrefillSeq:
+def build_prefill(q_start: int, q_len: int, context_len: int, block_ids: torch.Tensor, slot: int | None = None) -> PrefillSeq:
     mask = None
     if context_len > 0:
         q_pos = torch.arange(context_len, context_len + q_len).unsqueeze(1)
         k_pos = torch.arange(context_len + q_len).unsqueeze(0)
         mask = k_pos <= q_pos
-    return PrefillSeq(q_start, q_len, context_len, block_ids, mask)
+    return PrefillSeq(q_start, q_len, context_len, block_ids, mask, slot)
 
 
 def build_decode_mask(seq_lens: torch.Tensor, max_blocks: int, block_size: int, dtype: torch.dtype) -> torch.Tensor:
@@ -61,8 +63,13 @@ def build_decode_mask(seq_lens: torch.Tensor, max_blocks: int, block_size: int, 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """k, v: [T, Hkv, D] -> their slots in the cache."""
     _, num_blocks, block_size, hkv, d = kv_cache.shape
-    kv_cache[0].view(num_blocks * block_size, hkv, d).index_copy_(0, slot_mapping, k)
-    kv_cache[1].view(num_blocks * block_size, hkv, d).index_copy_(0, slot_mapping, v)
+    if kv_cache.is_contiguous():
+        kv_cache[0].view(num_blocks * block_size, hkv, d).index_copy_(0, slot_mapping, k)
+        kv_cache[1].view(num_blocks * block_size, hkv, d).index_copy_(0, slot_mapping, v)
+    else:  # the xtensor pool's view of one layer: blocks are pages apart
+        index = (slot_mapping // block_size, slot_mapping % block_size)
+        kv_cache[0].index_put_(index, k)
+        kv_cache[1].index_put_(index, v)
 
 
 def paged_attention(
@@ -72,26 +79,25 @@ def paged_attention(
     kv_cache: torch.Tensor,
     md: AttentionMetadata,
     scale: float,
+    ranges: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Write the new K/V into the cache, then attend; returns [T, H, D]."""
+    """Write the new K/V into the cache, then attend; returns [T, H, D]. With the xtensor layout,
+    `ranges` are the layer's K and V range views [slots, max_len, Hkv, D] (kv/xtensor.py) and every
+    sequence's earlier tokens are read from its own range, in place."""
     write_kv(kv_cache, k, v, md.slot_mapping)
+    if md.decode_slots is not None:
+        return _range_attention(q, k, v, ranges, md, scale)
     out = torch.empty_like(q)
-    _, _, block_size, hkv, d = kv_cache.shape
+    _, _, _, hkv, d = kv_cache.shape
     for seq in md.prefills:
         rows = slice(seq.q_start, seq.q_start + seq.q_len)
-        qs = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
         if seq.context_len == 0:
             ks, vs = k[rows], v[rows]
         else:
             kv_len = seq.context_len + seq.q_len
             ks = kv_cache[0].index_select(0, seq.block_ids).view(-1, hkv, d)[:kv_len]
             vs = kv_cache[1].index_select(0, seq.block_ids).view(-1, hkv, d)[:kv_len]
-        ks = ks.transpose(0, 1).unsqueeze(0)  # [1, Hkv, kv_len, D]
-        vs = vs.transpose(0, 1).unsqueeze(0)
-        o = F.scaled_dot_product_attention(
-            qs, ks, vs, attn_mask=seq.mask, is_causal=seq.mask is None, scale=scale, enable_gqa=True
-        )
-        out[rows] = o.squeeze(0).transpose(0, 1)
+        out[rows] = _sdpa(q[rows], ks, vs, seq, scale)
     if md.decode_rows.numel():
         fast = None
         if md.decode_seq_lens is not None:
@@ -115,6 +121,52 @@ def paged_attention(
         vd = kv_cache[1].index_select(0, table).view(bd, -1, hkv, d).transpose(1, 2)
         o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=md.decode_mask.to(q.dtype), scale=scale)
         out[md.decode_rows] = o.reshape(bd, h, d)
+    return out
+
+
+def _sdpa(q: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, seq: PrefillSeq | None, scale: float) -> torch.Tensor:
+    """One sequence: q [q_len, H, D] against ks/vs [kv_len, Hkv, D] -> [q_len, H, D]; causal within a
+    prefill chunk `seq`, and a single decode query (`seq` None) attends every key."""
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0), ks.transpose(0, 1).unsqueeze(0), vs.transpose(0, 1).unsqueeze(0),
+        attn_mask=None if seq is None else seq.mask, is_causal=seq is not None and seq.mask is None, scale=scale,
+        enable_gqa=True,
+    )
+    return o.squeeze(0).transpose(0, 1)
+
+
+def _range_rows(ranges: torch.Tensor, slot: int, length: int) -> torch.Tensor:
+    """The first `length` token rows of a range as [length, Hkv, D] (one strided copy of mapped pages only)."""
+    pages = -(-length // ranges.shape[2])
+    return ranges[slot, :pages].reshape(-1, ranges.shape[3], ranges.shape[4])[:length]
+
+
+def _range_attention(q, k, v, ranges, md: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Attention over xtensor ranges [slots, pages, block_size, Hkv, D]: sequence i's keys are the
+    first `len` rows of `k_ranges[slot]`, its own pages in order (no table)."""
+    k_ranges, v_ranges = ranges
+    only_decodes = not md.prefills
+    out = None if only_decodes else torch.empty_like(q)
+    for seq in md.prefills:
+        rows = slice(seq.q_start, seq.q_start + seq.q_len)
+        if seq.context_len == 0:
+            ks, vs = k[rows], v[rows]
+        else:
+            kv_len = seq.context_len + seq.q_len
+            ks, vs = _range_rows(k_ranges, seq.slot, kv_len), _range_rows(v_ranges, seq.slot, kv_len)
+        out[rows] = _sdpa(q[rows], ks, vs, seq, scale)
+    if not md.decode_rows.numel():
+        return out
+    qd = q if only_decodes else q[md.decode_rows]
+    fast = cpu_kernels.range_decode_attention(qd, k_ranges, v_ranges, md.decode_slots, md.decode_seq_lens, scale)
+    if fast is None:  # torch: one SDPA per sequence over its range (no padding, no gather)
+        fast = torch.empty_like(qd)
+        for i, (slot, length) in enumerate(zip(md.decode_slots.tolist(), md.decode_seq_lens.tolist())):
+            ks, vs = _range_rows(k_ranges, slot, length), _range_rows(v_ranges, slot, length)
+            fast[i] = _sdpa(qd[i : i + 1], ks, vs, None, scale)[0]
+    if only_decodes:
+        return fast
+    out[md.decode_rows] = fast
     return out
 
 

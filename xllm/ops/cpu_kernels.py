@@ -147,6 +147,16 @@ def paged_decode_attention(
     return _module.paged_decode_attention(q, kv_cache, block_tables, seq_lens, scale).to(q.dtype)
 
 
+def range_decode_attention(
+    q: torch.Tensor, k_ranges: torch.Tensor, v_ranges: torch.Tensor, slots: torch.Tensor, seq_lens: torch.Tensor, scale: float
+) -> torch.Tensor | None:
+    """Decode attention read in place from xtensor ranges (`k_ranges`/`v_ranges` [slots, pages, block_size,
+    Hkv, D] strided views; sequence i reads `seq_lens[i]` tokens of range `slots[i]`), or None for the torch path."""
+    if not (_enabled and _module is not None and k_ranges.dtype in (torch.float32, torch.bfloat16)):
+        return None
+    return _module.range_decode_attention(q, k_ranges, v_ranges, slots, seq_lens, scale).to(q.dtype)
+
+
 def rms_norm(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor | None] | None:

@@ -35,6 +35,9 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted_ids: list[str] = field(default_factory=list)
+    # requests whose KV blocks were freed (finished, aborted, preempted) since the last output;
+    # the runner drops what it keeps per request before running this step
+    freed_ids: list[str] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:

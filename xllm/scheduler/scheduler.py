@@ -147,6 +147,7 @@ class Scheduler:
                     and len(request.prompt_logprobs) < prompt_len - 1,
                 )
             )
+        out.freed_ids = self.kv.take_freed()
         return out
 
     def _fill(self, out: SchedulerOutput, prefill_step: bool) -> list[tuple[Request, int]]:

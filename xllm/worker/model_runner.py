@@ -3,15 +3,22 @@
 Per step it lays the scheduled tokens out flat ([T]), builds the attention metadata once (shared by
 every layer), runs the forward pass inside the forward context, computes logits only for the rows
 that sample, and samples.
+
+KV layouts (`CacheConfig.kv_layout`): `paged`, one tensor [2, num_blocks, block_size, Hkv, D] per
+layer read through block tables; `xtensor` (kv/xtensor.py), one page pool with a contiguous virtual
+range per sequence: the runner maps each scheduled request's blocks into its range before the step
+and unmaps the ranges of requests the scheduler freed.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
 from xllm.config import CacheConfig
+from xllm.kv.xtensor import XTensorPool, check_page_size, max_map_count
 from xllm.layers.forward_context import forward_context
 from xllm.layers.sampler import Sampler, gather_logprobs
 from xllm.models.arch_config import ArchConfig
@@ -27,28 +34,88 @@ def kv_bytes_per_block(arch: ArchConfig, block_size: int, dtype: torch.dtype) ->
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, arch: ArchConfig, cache: CacheConfig, dtype: torch.dtype, seed: int = 0):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        arch: ArchConfig,
+        cache: CacheConfig,
+        dtype: torch.dtype,
+        seed: int = 0,
+        max_model_len: int | None = None,
+        max_num_seqs: int = 64,
+    ):
         self.model = model
         self.arch = arch
         self.block_size = cache.block_size
         self.dtype = dtype
         per_block = kv_bytes_per_block(arch, cache.block_size, dtype)
         self.num_blocks = cache.num_blocks or max(1, int(cache.kv_cache_memory_gib * (1 << 30)) // per_block)
-        shape = (2, self.num_blocks, cache.block_size, arch.num_key_value_heads, arch.head_dim)
-        # Zeroed: padded decode attention reads unwritten slots with weight 0, and 0 * NaN would poison it.
-        self.kv_caches = [torch.zeros(shape, dtype=dtype) for _ in range(arch.num_hidden_layers)]
-        for layer, cache_tensor in zip(model.attention_layers(), self.kv_caches):
-            layer.kv_cache = cache_tensor
+        self.xtensor: XTensorPool | None = None
+        if cache.kv_layout == "xtensor":
+            self.kv_caches, ranges = self._xtensor_cache(max_model_len or arch.max_position_embeddings, max_num_seqs)
+        else:
+            shape = (2, self.num_blocks, cache.block_size, arch.num_key_value_heads, arch.head_dim)
+            # Zeroed: padded decode attention reads unwritten slots with weight 0, and 0 * NaN would poison it.
+            self.kv_caches = [torch.zeros(shape, dtype=dtype) for _ in range(arch.num_hidden_layers)]
+            ranges = [None] * arch.num_hidden_layers
+        self.kv_ranges = ranges
+        self.bind_cache()
         self.sampler = Sampler(seed)
+        self.execute_s = 0.0  # time in `execute` (input layout + forward + sampling), summed
+        self.prepare_s = 0.0  # of which the input layout (`_prepare`)
         logger.info(
-            "KV cache: %d blocks of %d tokens (%.2f GiB)",
+            "KV cache (%s): %d blocks of %d tokens (%.2f GiB)",
+            cache.kv_layout,
             self.num_blocks,
             self.block_size,
             self.num_blocks * per_block / (1 << 30),
         )
 
+    def bind_cache(self) -> None:
+        """Point the model's attention layers at this runner's KV cache (done at construction)."""
+        for layer, cache_tensor, layer_ranges in zip(self.model.attention_layers(), self.kv_caches, self.kv_ranges):
+            layer.kv_cache = cache_tensor
+            layer.kv_ranges = layer_ranges
+
+    def _xtensor_cache(self, max_len: int, max_num_seqs: int):
+        """The xtensor layout: a memfd page pool, one page per block, [layers, 2, block_size, Hkv, D]
+        (a layer's K rows of a block are contiguous, as in the paged layout); per layer the physical
+        view [2, num_blocks, block_size, Hkv, D] (the paged layout's indexing: new rows are written and
+        tiers copy blocks through it) and the ranges' views [slots, pages, block_size, Hkv, D] for K
+        and V, which attention reads with no block table."""
+        arch, bs = self.arch, self.block_size
+        layers, hkv, d = arch.num_hidden_layers, arch.num_key_value_heads, arch.head_dim
+        token_bytes = layers * 2 * hkv * d * torch.empty(0, dtype=self.dtype).element_size()
+        page_bytes = check_page_size(bs, token_bytes)
+        range_pages = -(-max_len // bs)
+        # Only running sequences hold mapped ranges (at most max_num_seqs, parallel samples included;
+        # freed ones are unmapped before a step maps anything); the slots are twice that, virtual only.
+        worst = max_num_seqs * range_pages  # every page of every running range a mapping of its own
+        if worst > max_map_count() // 2:
+            logger.warning(
+                "xtensor KV: %d running sequences of %d pages could need %d kernel mappings, over half of "
+                "vm.max_map_count (%d); lower --max-num-seqs or --max-model-len, or raise vm.max_map_count",
+                max_num_seqs, range_pages, worst, max_map_count(),
+            )
+        pool = self.xtensor = XTensorPool(self.num_blocks, page_bytes, range_pages, self.dtype, num_slots=2 * max_num_seqs)
+        phys = pool.physical().view(self.num_blocks, layers, 2, bs, hkv, d)
+        rng = pool.ranges().view(pool.num_slots, range_pages, layers, 2, bs, hkv, d)
+        logger.info("xtensor KV: page %d KiB (%d tokens), %d ranges of %d tokens, huge pages %s",
+                    page_bytes >> 10, bs, pool.num_slots, range_pages * bs, "on" if pool.huge_pages else "off")
+        caches = [phys[:, i].transpose(0, 1) for i in range(layers)]
+        return caches, [(rng[:, :, i, 0], rng[:, :, i, 1]) for i in range(layers)]
+
+    def release(self, request_ids: list[str]) -> None:
+        """Drop what the runner keeps for requests the scheduler freed (their xtensor ranges)."""
+        if self.xtensor is not None:
+            for request_id in request_ids:
+                self.xtensor.release(request_id)
+
     def _prepare(self, so: SchedulerOutput):
         bs = self.block_size
+        xt = self.xtensor
+        self.release(so.freed_ids)
+        slots_of: list[int] = []  # xtensor: the range of each decode row
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -62,18 +129,22 @@ class ModelRunner:
             pos = range(item.start_pos, item.start_pos + n)
             positions.extend(pos)
             slots.extend(item.block_ids[p // bs] * bs + p % bs for p in pos)
+            num_blocks = -(-(item.start_pos + n) // bs)
+            slot = xt.map_pages(item.request_id, item.block_ids[:num_blocks]) if xt is not None else None
             if n == 1:
                 decode_rows.append(row)
                 decode_tables.append(item.block_ids)
                 decode_lens.append(item.start_pos + 1)
+                slots_of.append(slot)
             else:
-                num_blocks = -(-(item.start_pos + n) // bs)
                 block_ids = torch.tensor(item.block_ids[:num_blocks], dtype=torch.long)
-                prefills.append(build_prefill(row, n, item.start_pos, block_ids))
+                prefills.append(build_prefill(row, n, item.start_pos, block_ids, slot))
             if item.sample:
                 sample_rows.append(row + n - 1)
         decode_mask = None
-        if decode_rows:
+        if xt is not None:  # ranges need no block table and no mask
+            table = torch.zeros(0, 1, dtype=torch.long)
+        elif decode_rows:
             width = max(-(-length // bs) for length in decode_lens)
             table = torch.zeros(len(decode_rows), width, dtype=torch.long)
             for i, blocks in enumerate(decode_tables):
@@ -90,17 +161,27 @@ class ModelRunner:
             decode_mask=decode_mask,
             block_size=bs,
             decode_seq_lens=torch.tensor(decode_lens, dtype=torch.long),
+            decode_slots=torch.tensor(slots_of, dtype=torch.long) if xt is not None else None,
         )
         return torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long), md, sample_rows
 
     def _forward(self, so: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:
+        started = time.perf_counter()
         input_ids, positions, md, sample_rows = self._prepare(so)
+        self.prepare_s += time.perf_counter() - started
         with forward_context(md):
             hidden = self.model(input_ids, positions)
         return hidden, sample_rows
 
     @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> RunnerOutput:
+        started = time.perf_counter()
+        try:
+            return self._execute(so)
+        finally:
+            self.execute_s += time.perf_counter() - started
+
+    def _execute(self, so: SchedulerOutput) -> RunnerOutput:
         hidden, sample_rows = self._forward(so)
         out = RunnerOutput()
         sampling = [item for item in so.scheduled if item.sample]

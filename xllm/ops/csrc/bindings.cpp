@@ -15,6 +15,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &xllm::gemv, "out[M,N] = x[M,K] @ w[N,K]^T (+bias), float32 result");
   m.def("paged_decode_attention", &xllm::paged_decode_attention,
         "decode attention read from the paged KV cache: q [B,H,D] -> [B,H,D] float32");
+  m.def("range_decode_attention", &xllm::range_decode_attention,
+        "decode attention read from per-sequence strided ranges (xtensor): q [B,H,D] -> [B,H,D] float32");
   m.def("rms_norm", &xllm::rms_norm, "RMSNorm of x (+ residual), float32: (out, new residual or None)");
   m.def("rope_", &xllm::rope_, "rotary embedding in place on q [T,H,D] and k [T,Hkv,D], float32");
   m.def("has_avx2", &has_avx2);

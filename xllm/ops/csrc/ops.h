@@ -10,6 +10,9 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
                                   const at::Tensor& seq_lens, double scale);
 
+at::Tensor range_decode_attention(const at::Tensor& q, const at::Tensor& k_ranges, const at::Tensor& v_ranges,
+                                  const at::Tensor& slots, const at::Tensor& seq_lens, double scale);
+
 std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
                                             const at::Tensor& weight, double eps);
 

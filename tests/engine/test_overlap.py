@@ -1,0 +1,108 @@
+"""Overlapped execution: a step's outputs are processed in the helper thread while the next step
+computes, and nothing a user sees changes."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from xllm import LLM, SamplingParams
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "Tell me a story about a dragon.",
+    "What is 2+2?",
+    "List three colors:",
+    "Write a haiku about the sea.",
+    "The capital of France is",
+]
+
+
+def outputs(llm: LLM, params: SamplingParams):
+    return [
+        (o.prompt_logprobs, [(c.text, c.token_ids, c.finish_reason, c.stop_reason, c.logprobs) for c in o.outputs])
+        for o in llm.generate(PROMPTS, params)
+    ]
+
+
+@pytest.fixture(scope="module")
+def engines():
+    return {overlap: LLM(dtype="float32", max_model_len=512, kv_cache_memory_gib=0.1, overlap=overlap) for overlap in (False, True)}
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0, max_tokens=24, logprobs=2, prompt_logprobs=1),
+        # stop strings end requests in the helper, after the next step already took them
+        SamplingParams(temperature=0.8, seed=7, max_tokens=48, stop=[".", "\n"], n=2),
+        SamplingParams(temperature=0, max_tokens=32, stop_token_ids=[28], include_stop_str_in_output=True),
+    ],
+    ids=["greedy-logprobs", "sampled-stop-strings-n2", "stop-token"],
+)
+def test_same_outputs_with_overlap_on_and_off(engines, params):
+    assert outputs(engines[True], params) == outputs(engines[False], params)
+    for llm in engines.values():
+        llm.engine.kv.check_invariants()
+        assert not llm.engine.has_unfinished_requests()
+
+
+def test_processing_runs_in_the_helper_while_the_next_step_computes(engines):
+    engine = engines[True].engine
+    in_forward = threading.Event()
+    seen = []  # (thread name, whether a forward pass was running) per processed step
+    execute, process = engine.runner.execute, engine._process
+
+    def slow_execute(so):
+        in_forward.set()
+        try:
+            time.sleep(0.05)  # long enough for the helper to finish the previous step's outputs
+            return execute(so)
+        finally:
+            in_forward.clear()
+
+    def spy_process(*args):
+        seen.append((threading.current_thread().name, in_forward.is_set()))
+        return process(*args)
+
+    engine.runner.execute, engine._process = slow_execute, spy_process
+    try:
+        out = engines[True].generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    finally:
+        del engine.runner.execute, engine._process
+    assert all(len(o.outputs[0].token_ids) == 6 for o in out)
+    overlapped = [name for name, during in seen if during]
+    assert len(overlapped) >= 5 and all(name.startswith("xllm-outputs") for name in overlapped)
+
+
+def test_stream_sink_gets_each_step_while_the_next_computes(engines):
+    """With a sink (the server's), outputs leave from the helper as soon as they are built."""
+    engine = engines[True].engine
+    got = []
+    engine.output_sink = lambda outs: got.append((threading.current_thread().name, [o.outputs[0].token_ids[:] for o in outs]))
+    try:
+        engine.add_request("Count: one, two,", SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), "sink")
+        returned = []
+        while engine.has_unfinished_requests():
+            returned += engine.step()
+    finally:
+        engine.output_sink = None
+    assert returned == []  # everything went to the sink
+    assert [len(tokens[0]) for _, tokens in got] == [1, 2, 3, 4, 5]
+    assert all(name.startswith("xllm-outputs") for name, _ in got)
+
+
+def test_abort_between_overlapped_steps(engines):
+    engine = engines[True].engine
+    engine.add_request("Tell me a long story.", SamplingParams(max_tokens=200, ignore_eos=True), "long")
+    for _ in range(4):
+        engine.step()
+    out = engine.abort_request("long")
+    assert out.finished and out.outputs[0].finish_reason == "abort"
+    while engine.has_unfinished_requests():
+        engine.step()  # the recorded step of the aborted request is dropped
+    engine.kv.check_invariants()
+    assert engine.kv.pool.num_free == engine.kv.num_blocks
