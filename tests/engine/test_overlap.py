@@ -56,11 +56,14 @@ def test_processing_runs_in_the_helper_while_the_next_step_computes(engines):
     seen = []  # (thread name, whether a forward pass was running) per processed step
     execute, process = engine.runner.execute, engine._process
 
-    def slow_execute(so):
-        in_forward.set()
+    def slow_execute(so, before_forward=None):
+        def slow_start():
+            in_forward.set()
+            before_forward()  # the helper starts on the previous step's outputs
+            time.sleep(0.05)  # long enough for it to finish them
+
         try:
-            time.sleep(0.05)  # long enough for the helper to finish the previous step's outputs
-            return execute(so)
+            return execute(so, slow_start)
         finally:
             in_forward.clear()
 

@@ -249,21 +249,30 @@ class LLMEngine:
         self.timing.wall_s += time.perf_counter() - started
         return outputs
 
-    def _run(self, scheduled: SchedulerOutput) -> RunnerOutput:
+    def _run(self, scheduled: SchedulerOutput, before_forward: Callable[[], None] | None = None) -> RunnerOutput:
         if scheduled.is_empty:
             self.runner.release(scheduled.freed_ids)
+            if before_forward is not None:
+                before_forward()
             return RunnerOutput()
-        return self.runner.execute(scheduled)
+        return self.runner.execute(scheduled, before_forward)
 
     def _step_overlapped(self) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()
         pending, self._pending = self._pending, None
-        processing = self._helper.submit(self._process_to_sink, *pending) if pending is not None else None
+        processing = []
+
+        def launch():  # once N+1's inputs are laid out (no contention for the GIL with that)
+            if pending is not None:
+                processing.append(self._helper.submit(self._process_to_sink, *pending))
+
         try:
-            result = self._run(scheduled)  # step N+1 computes while the helper processes step N
+            result = self._run(scheduled, launch)  # step N+1 computes while the helper processes step N
         finally:
+            if pending is not None and not processing:
+                launch()  # the step failed before its forward pass: still process N
             waited = time.perf_counter()
-            outputs = processing.result() if processing is not None else []
+            outputs = processing[0].result() if processing else []
             self.timing.wait_s += time.perf_counter() - waited
         changed = self.scheduler.update(scheduled, result)
         if scheduled.is_empty:  # nothing computed: report what this turn ended (timeouts) now

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -165,24 +166,27 @@ class ModelRunner:
         )
         return torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long), md, sample_rows
 
-    def _forward(self, so: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:
+    def _forward(self, so: SchedulerOutput, before_forward: Callable[[], None] | None = None) -> tuple[torch.Tensor, list[int]]:
         started = time.perf_counter()
         input_ids, positions, md, sample_rows = self._prepare(so)
         self.prepare_s += time.perf_counter() - started
+        if before_forward is not None:
+            before_forward()
         with forward_context(md):
             hidden = self.model(input_ids, positions)
         return hidden, sample_rows
 
     @torch.inference_mode()
-    def execute(self, so: SchedulerOutput) -> RunnerOutput:
+    def execute(self, so: SchedulerOutput, before_forward: Callable[[], None] | None = None) -> RunnerOutput:
+        """Run the step; `before_forward` is called once the inputs are laid out, as the forward pass starts."""
         started = time.perf_counter()
         try:
-            return self._execute(so)
+            return self._execute(so, before_forward)
         finally:
             self.execute_s += time.perf_counter() - started
 
-    def _execute(self, so: SchedulerOutput) -> RunnerOutput:
-        hidden, sample_rows = self._forward(so)
+    def _execute(self, so: SchedulerOutput, before_forward: Callable[[], None] | None) -> RunnerOutput:
+        hidden, sample_rows = self._forward(so, before_forward)
         out = RunnerOutput()
         sampling = [item for item in so.scheduled if item.sample]
         if sampling:
