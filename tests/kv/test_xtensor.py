@@ -182,3 +182,27 @@ def test_random_workload_keeps_mappings_consistent_and_leaks_none():
     p = None
     gc.collect()
     assert mappings() == 0  # the last tensor over the pool took its mappings with it
+
+
+def test_two_mib_pages_ask_for_huge_pages():
+    """A page that is a multiple of 2 MiB asks for huge pages; `huge_pages` says whether the system
+    grants them (hugetlb pages reserved, or shared-memory THP allowed), and when it does, the
+    touched pool is huge-page backed in both views. On a system that grants none, it says so."""
+    from xllm.kv import xtensor
+
+    gc.collect()
+    p = XTensorPool(num_pages=4, page_bytes=2 << 20, range_pages=2, dtype=torch.float32, num_slots=2)
+    assert p._base % (2 << 20) == 0  # ranges start 2 MiB-aligned
+    grantable = xtensor._shmem_thp() or xtensor._hugetlb_free_pages() >= 4
+    assert p.huge_pages == grantable
+    small = XTensorPool(num_pages=4, page_bytes=PAGE, range_pages=2, dtype=torch.float32, num_slots=1)
+    assert not small.huge_pages
+    if not grantable:
+        pytest.skip("this system grants no huge pages to shared memory (shmem_enabled never, no hugetlb pages)")
+    p.physical().fill_(1.0)
+    before = xtensor.pool_huge_kib()
+    assert before >= 4 * 2048  # the physical view
+    p.map_pages("a", [1, 2])
+    ranges = p.ranges()
+    assert float(ranges[0]) == 1.0 and float(ranges[(2 << 20) // 4]) == 1.0
+    assert xtensor.pool_huge_kib() >= before + 2 * 2048  # and the range

@@ -78,6 +78,20 @@ def pool_mappings() -> int:
         return sum(1 for line in f if MEMFD_NAME in line)
 
 
+def pool_huge_kib() -> int:
+    """KiB of the KV page pools' mappings backed by huge pages (PMD-mapped shared memory or
+    hugetlb), summed over /proc/self/smaps."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            first = line.split(maxsplit=1)[0]
+            if "-" in first and not first.endswith(":"):  # a mapping's header line
+                inside = MEMFD_NAME in line
+            elif inside and first in ("ShmemPmdMapped:", "FilePmdMapped:", "Shared_Hugetlb:", "Private_Hugetlb:"):
+                total += int(line.split()[1])
+    return total
+
+
 def _tensor_at(addr: int, nbytes: int, dtype: torch.dtype, owner: object) -> torch.Tensor:
     """A tensor over raw memory [nbytes / element size] that keeps `owner` (the memory's) alive."""
     buf = (ctypes.c_char * nbytes).from_address(addr)
@@ -116,10 +130,14 @@ class XTensorPool:
             self.huge_pages = _libc.madvise(self._phys_addr, num_pages * page_bytes, _MADV_HUGEPAGE) == 0 and _shmem_thp()
         self.slot_bytes = range_pages * page_bytes
         self._reserve_bytes = num_slots * self.slot_bytes
-        self._base = _mmap(None, self._reserve_bytes, _PROT_NONE, _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE)
+        # Huge pages map only at 2 MiB-aligned addresses: reserve 2 MiB more and start the ranges aligned.
+        align = _HUGE_PAGE if page_bytes % _HUGE_PAGE == 0 else 1
+        self._region = (_mmap(None, self._reserve_bytes + align - 1, _PROT_NONE, _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE),
+                        self._reserve_bytes + align - 1)
+        self._base = -(-self._region[0] // align) * align
         # Unmapped and closed when the pool and every tensor over it are gone (or by `close`).
         self._finalizer = weakref.finalize(
-            self, _unmap_all, self._fd, [(self._base, self._reserve_bytes), (self._phys_addr, num_pages * page_bytes)]
+            self, _unmap_all, self._fd, [self._region, (self._phys_addr, num_pages * page_bytes)]
         )
         self._mapped: list[list[int]] = [[] for _ in range(num_slots)]  # per slot: physical page of each range page
         self._slot_of: dict[str, int] = {}
