@@ -114,6 +114,8 @@ class EngineConfig:
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads; None = torch's default
     compiled_kernels: bool = True  # use the built C++ CPU kernels (xllm/ops/cpu_kernels.py) when present
+    # float32: keep oneDNN-blocked copies of the weights for decode batches of 33-128 rows (more memory)
+    packed_weights: bool = True
     # Detokenize and stream one step's tokens in a helper thread while the next step computes.
     overlap: bool = True
 

@@ -75,6 +75,37 @@ def test_linear_dispatch(monkeypatch):
     assert calls == [1, cpu_kernels.GEMV_MAX_ROWS, 2]
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_prepacked_weights_match_torch_for_middle_batches(bias):
+    """oneDNN on the prepacked copy, for the batches between the gemv kernel and torch's GEMM."""
+    g = torch.Generator().manual_seed(1)
+    for n, k in [(1728, 576), (576, 1536), (97, 64), (1001, 17), (4096, 576)]:
+        w = torch.randn(n, k, generator=g)
+        b = torch.randn(n, generator=g) if bias else None
+        packed = cpu_kernels.prepack(w)
+        assert packed is not None
+        for m in (cpu_kernels.GEMV_MAX_ROWS + 1, 48, 64, 100, cpu_kernels.PACKED_MAX_ROWS):
+            x = torch.randn(m, k, generator=g)
+            torch.testing.assert_close(cpu_kernels.linear(x, w, b, packed), F.linear(x, w, b), atol=1e-3, rtol=1e-4)
+        xt = torch.randn(k, 40, generator=g).t()  # strided activations
+        torch.testing.assert_close(cpu_kernels.linear(xt, w, b, packed), F.linear(xt, w, b), atol=1e-3, rtol=1e-4)
+
+
+def test_prepacked_weights_only_serve_middle_batches(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_enabled", False)  # the gemv kernel off: small batches go to torch
+    w = torch.randn(16, 8)
+    packed = cpu_kernels.prepack(w)
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(cpu_kernels, "torch", types.SimpleNamespace(
+        float32=torch.float32, ops=types.SimpleNamespace(mkldnn=types.SimpleNamespace(
+            _linear_pointwise=lambda x, *a: calls.append(x.shape[0]) or real(x, *a)))))
+    for m in (1, 40, cpu_kernels.PACKED_MAX_ROWS, cpu_kernels.PACKED_MAX_ROWS + 1):
+        cpu_kernels.linear(torch.randn(m, 8), w, None, packed)
+    assert calls == [1, 40, cpu_kernels.PACKED_MAX_ROWS]
+    assert cpu_kernels.prepack(w.bfloat16()) is None  # float32 only
+
+
 def test_load_without_a_build_falls_back(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_kernels, "_module", None)
     assert cpu_kernels.load(str(tmp_path)) is None

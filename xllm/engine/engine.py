@@ -81,6 +81,10 @@ class LLMEngine:
         if config.compiled_kernels:
             cpu_kernels.load()
         loaded = load_model(config.model)
+        if config.packed_weights and hasattr(loaded.model, "prepack_weights"):
+            extra = loaded.model.prepack_weights()
+            if extra:
+                logger.info("prepacked float32 weights for 33-%d-row batches: %.0f MiB more", cpu_kernels.PACKED_MAX_ROWS, extra / 2**20)
         self.model_source = loaded.source
         self.arch = loaded.arch
         self.dtype = loaded.dtype

@@ -69,6 +69,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="run every matmul through torch, not the C++ kernels built by `xllm build-kernels`",
     )
+    g.add_argument("--no-packed-weights", dest="packed_weights", action="store_false",
+                   help="float32: do not keep oneDNN-blocked copies of the weights for decode batches of 33-128 rows "
+                   "(saves the weights' size in memory; those batches then run torch's matmul)")
     g.add_argument("--no-overlap", dest="overlap", action="store_false",
                    help="run each step's output processing (detokenization, stop strings, streaming) before "
                    "launching the next step, instead of while it computes")
@@ -97,6 +100,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         seed=args.seed,
         compiled_kernels=args.compiled_kernels,
         overlap=args.overlap,
+        packed_weights=args.packed_weights,
     )
 
 

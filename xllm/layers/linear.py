@@ -18,9 +18,14 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self.packed: torch.Tensor | None = None  # oneDNN's blocked copy of the weight (`prepack`)
+
+    def prepack(self) -> None:
+        """Keep a oneDNN-blocked copy of the (loaded) weight for middle-sized batches (float32 only)."""
+        self.packed = cpu_kernels.prepack(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_kernels.linear(x, self.weight, self.bias)
+        return cpu_kernels.linear(x, self.weight, self.bias, self.packed)
 
 
 class MergedLinear(Linear):

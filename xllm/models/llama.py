@@ -111,6 +111,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         self.model = LlamaModel(cfg, dtype, self.qk_norm)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype)
+        self.lm_head_packed: torch.Tensor | None = None
         # Norm weights are created in float32 by RMSNorm; keep them in the model dtype like HF does.
         for module in self.modules():
             if isinstance(module, RMSNorm):
@@ -123,7 +124,18 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> float32 logits [N, vocab]."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return cpu_kernels.linear(hidden, weight).float()
+        return cpu_kernels.linear(hidden, weight, None, self.lm_head_packed).float()
+
+    def prepack_weights(self) -> int:
+        """Blocked copies of the float32 projection and LM-head weights for decode batches of
+        33-128 rows (`cpu_kernels.prepack`); returns the bytes they take (0 when not float32)."""
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        for m in linears:
+            m.prepack()
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        self.lm_head_packed = cpu_kernels.prepack(weight)
+        packed = [m.packed for m in linears] + [self.lm_head_packed]
+        return sum(p.numel() * p.element_size() for p in packed if p is not None)
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]

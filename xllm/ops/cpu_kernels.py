@@ -6,9 +6,11 @@ the cache folder, keyed by the sources, the torch version and the CPU's instruct
 At run time `load()` only imports what was built; it never compiles, so a machine without a
 compiler, or a build that failed, runs the pure-torch path, which is also the tests' reference.
 
-`linear(x, w, bias)` is the one entry the model uses for every projection and the LM head: for a
-skinny batch (up to `GEMV_MAX_ROWS` rows, i.e. decode) of float32/bfloat16 weights it streams
-each weight once through `gemv`; otherwise, or without the kernels, it is `F.linear`.
+`linear(x, w, bias, packed)` is the one entry the model uses for every projection and the LM head:
+for a skinny batch (up to `GEMV_MAX_ROWS` rows, i.e. decode) of float32/bfloat16 weights it
+streams each weight once through `gemv`; for a middle batch (up to `PACKED_MAX_ROWS`) with a
+`prepack`ed float32 weight it runs oneDNN's matmul on the blocked copy; otherwise, or without the
+kernels, it is `F.linear`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ _SOURCES = ("gemv.cpp", "attention.cpp", "norm.cpp", "rope.cpp", "bindings.cpp")
 _HEADERS = ("common.h", "ops.h")
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 GEMV_MAX_ROWS = 32  # up to here the kernel beats torch's GEMM; at 64 they tie (benchmarks/gemv.py)
+# Up to here (decode batches) oneDNN on prepacked weights beats torch's MKL matmul (1.1-2x at 33-128
+# rows); for prefill-sized batches it does not, so they stay on F.linear.
+PACKED_MAX_ROWS = 128
 
 _module = None  # the loaded extension, or None (torch path)
 _enabled = True
@@ -121,8 +126,21 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> 
     return _module.gemv(x, w, bias)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, w, bias)` with the decode-shaped case on the compiled kernel when available."""
+def prepack(w: torch.Tensor) -> torch.Tensor | None:
+    """oneDNN's blocked copy of a float32 weight [N, K] for `linear`'s middle batches, or None when
+    torch has no oneDNN or the weight is not float32 (bfloat16 has no fast oneDNN path on AVX2)."""
+    if w.dtype != torch.float32 or w.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), batch_size=64)
+    except (AttributeError, RuntimeError) as exc:  # an internal op: absent or refusing in some builds
+        logger.info("no prepacked weights (%s); torch's matmul runs every batch", exc)
+        return None
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, packed: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, w, bias)`: up to `GEMV_MAX_ROWS` rows on the compiled kernel when available,
+    up to `PACKED_MAX_ROWS` on oneDNN with the `prepack`ed weight when given, else torch's matmul."""
     if (
         _enabled
         and _module is not None
@@ -134,6 +152,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
         and w.is_contiguous()
     ):
         return _module.gemv(x, w, bias).to(x.dtype)
+    if packed is not None and x.dim() == 2 and x.shape[0] <= PACKED_MAX_ROWS and x.dtype == torch.float32:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
     return F.linear(x, w, bias)
 
 
