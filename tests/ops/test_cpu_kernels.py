@@ -137,3 +137,29 @@ def test_engine_output_same_with_and_without_kernels(kernels):
         for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
             for tok, lp in la.items():
                 assert abs(lp.logprob - lb[tok].logprob) < 1e-3
+
+
+def test_silu_mul_matches_torch(kernels):
+    g = torch.Generator().manual_seed(2)
+    for m, i in [(1, 1536), (3, 7), (64, 1536), (5, 8), (40, 4864), (2, 1)]:
+        x = torch.randn(m, 2 * i, generator=g) * 6
+        gate, up = x.chunk(2, dim=-1)
+        torch.testing.assert_close(cpu_kernels.silu_mul(x), F.silu(gate) * up, atol=1e-6, rtol=1e-5)
+    x = torch.tensor([[-200.0, 200.0, 0.0, -0.0, 1.0, 2.0]])  # saturating exponents
+    torch.testing.assert_close(cpu_kernels.silu_mul(x), F.silu(x[:, :3]) * x[:, 3:])
+    strided = torch.randn(6, 20, generator=g)[:, 2:18]  # non-contiguous input
+    torch.testing.assert_close(cpu_kernels.silu_mul(strided), F.silu(strided[:, :8]) * strided[:, 8:], atol=1e-6, rtol=1e-5)
+
+
+def test_argmax_matches_torch(kernels):
+    g = torch.Generator().manual_seed(3)
+    for m, v in [(1, 49152), (64, 49152), (3, 7), (5, 8), (2, 1), (9, 151936)]:
+        x = torch.randn(m, v, generator=g)
+        assert torch.equal(cpu_kernels.argmax(x), x.argmax(-1))
+    x = torch.full((4, 19), float("-inf"))
+    x[1, 5] = x[1, 11] = 3.0  # ties: the first index
+    x[2, :] = 0.0
+    x[3, 17] = 1.0
+    x[3, 9] = float("nan")  # NaN wins, as in torch
+    assert torch.equal(cpu_kernels.argmax(x), x.argmax(-1))
+    assert cpu_kernels.argmax(x).tolist() == [0, 5, 0, 9]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from xllm.ops import cpu_kernels
 from xllm.scheduler.output import SamplingContext, TokenLogprobs
 
 
@@ -185,7 +186,7 @@ class Sampler:
     def _sample(self, logits: torch.Tensor, contexts: list[SamplingContext]) -> torch.Tensor:
         params = [c.params for c in contexts]
         greedy_rows = [p.greedy for p in params]
-        argmax = logits.argmax(dim=-1)
+        argmax = cpu_kernels.argmax(logits)
         if all(greedy_rows):
             return argmax
         n, vocab = logits.shape

@@ -82,22 +82,18 @@ def paged_attention(
     ranges: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Write the new K/V into the cache, then attend; returns [T, H, D]. With the xtensor layout,
-    `ranges` are the layer's K and V range views [slots, max_len, Hkv, D] (kv/xtensor.py) and every
-    sequence's earlier tokens are read from its own range, in place."""
+    `ranges` are the layer's K and V range views [slots, pages, block_size, Hkv, D] (kv/xtensor.py)
+    and every sequence's earlier tokens are read from its own range, in place."""
     write_kv(kv_cache, k, v, md.slot_mapping)
     if md.decode_slots is not None:
         return _range_attention(q, k, v, ranges, md, scale)
     out = torch.empty_like(q)
     _, _, _, hkv, d = kv_cache.shape
-    for seq in md.prefills:
-        rows = slice(seq.q_start, seq.q_start + seq.q_len)
-        if seq.context_len == 0:
-            ks, vs = k[rows], v[rows]
-        else:
-            kv_len = seq.context_len + seq.q_len
-            ks = kv_cache[0].index_select(0, seq.block_ids).view(-1, hkv, d)[:kv_len]
-            vs = kv_cache[1].index_select(0, seq.block_ids).view(-1, hkv, d)[:kv_len]
-        out[rows] = _sdpa(q[rows], ks, vs, seq, scale)
+
+    def gathered(seq: PrefillSeq, kv_len: int):  # the chunk's blocks, gathered
+        return tuple(kv_cache[i].index_select(0, seq.block_ids).view(-1, hkv, d)[:kv_len] for i in (0, 1))
+
+    _attend_prefills(q, k, v, md, scale, out, gathered)
     if md.decode_rows.numel():
         fast = None
         if md.decode_seq_lens is not None:
@@ -135,6 +131,15 @@ def _sdpa(q: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, seq: PrefillSeq |
     return o.squeeze(0).transpose(0, 1)
 
 
+def _attend_prefills(q, k, v, md: AttentionMetadata, scale: float, out: torch.Tensor, context) -> None:
+    """Each prefill chunk with SDPA into `out`: a fresh prompt against its own new K/V, a chunk over
+    cached context against `context(seq, kv_len)` -> (K, V) [kv_len, Hkv, D] read from the cache."""
+    for seq in md.prefills:
+        rows = slice(seq.q_start, seq.q_start + seq.q_len)
+        ks, vs = (k[rows], v[rows]) if seq.context_len == 0 else context(seq, seq.context_len + seq.q_len)
+        out[rows] = _sdpa(q[rows], ks, vs, seq, scale)
+
+
 def _range_rows(ranges: torch.Tensor, slot: int, length: int) -> torch.Tensor:
     """The first `length` token rows of a range as [length, Hkv, D] (one strided copy of mapped pages only)."""
     pages = -(-length // ranges.shape[2])
@@ -147,14 +152,9 @@ def _range_attention(q, k, v, ranges, md: AttentionMetadata, scale: float) -> to
     k_ranges, v_ranges = ranges
     only_decodes = not md.prefills
     out = None if only_decodes else torch.empty_like(q)
-    for seq in md.prefills:
-        rows = slice(seq.q_start, seq.q_start + seq.q_len)
-        if seq.context_len == 0:
-            ks, vs = k[rows], v[rows]
-        else:
-            kv_len = seq.context_len + seq.q_len
-            ks, vs = _range_rows(k_ranges, seq.slot, kv_len), _range_rows(v_ranges, seq.slot, kv_len)
-        out[rows] = _sdpa(q[rows], ks, vs, seq, scale)
+    _attend_prefills(
+        q, k, v, md, scale, out, lambda seq, n: (_range_rows(k_ranges, seq.slot, n), _range_rows(v_ranges, seq.slot, n))
+    )
     if not md.decode_rows.numel():
         return out
     qd = q if only_decodes else q[md.decode_rows]

@@ -32,7 +32,7 @@ from xllm.sysinfo import cpuinfo_field
 logger = logging.getLogger(__name__)
 
 _CSRC = os.path.join(os.path.dirname(__file__), "csrc")
-_SOURCES = ("gemv.cpp", "attention.cpp", "norm.cpp", "rope.cpp", "bindings.cpp")
+_SOURCES = ("gemv.cpp", "attention.cpp", "norm.cpp", "rope.cpp", "activation.cpp", "bindings.cpp")
 _HEADERS = ("common.h", "ops.h")
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 GEMV_MAX_ROWS = 32  # up to here the kernel beats torch's GEMM; at 64 they tie (benchmarks/gemv.py)
@@ -184,6 +184,22 @@ def rms_norm(
     if not (_enabled and _module is not None and x.dtype == torch.float32 and weight.dtype == torch.float32):
         return None
     return _module.rms_norm(x, residual, weight, eps)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for the merged [M, 2I] gate|up projection output, in one pass (float32
+    kernel), else torch."""
+    if _enabled and _module is not None and gate_up.dim() == 2 and gate_up.dtype == torch.float32:
+        return _module.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Row-wise argmax of float32 logits [N, V] (torch's is a slow serial scan here), else torch."""
+    if _enabled and _module is not None and logits.dim() == 2 and logits.dtype == torch.float32 and logits.shape[1] > 0:
+        return _module.argmax_rows(logits)
+    return logits.argmax(dim=-1)
 
 
 def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:

@@ -19,5 +19,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "decode attention read from per-sequence strided ranges (xtensor): q [B,H,D] -> [B,H,D] float32");
   m.def("rms_norm", &xllm::rms_norm, "RMSNorm of x (+ residual), float32: (out, new residual or None)");
   m.def("rope_", &xllm::rope_, "rotary embedding in place on q [T,H,D] and k [T,Hkv,D], float32");
+  m.def("silu_mul", &xllm::silu_mul, "silu(x[:, :I]) * x[:, I:] for x [M, 2I] float32");
+  m.def("argmax_rows", &xllm::argmax_rows, "first index of each row's maximum, x [M, V] float32 -> [M] int64");
   m.def("has_avx2", &has_avx2);
 }

@@ -29,6 +29,18 @@ inline float hsum(__m256 v) {
 }
 #endif
 
+// fn(r) for every row r < rows: on the calling thread, or split over torch's threads when `parallel`.
+template <typename F>
+inline void for_each_row(int64_t rows, bool parallel, const F& fn) {
+  if (!parallel) {
+    for (int64_t r = 0; r < rows; ++r) fn(r);
+    return;
+  }
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) fn(r);
+  });
+}
+
 inline float widen(float v) { return v; }
 inline float widen(at::BFloat16 v) { return static_cast<float>(v); }
 

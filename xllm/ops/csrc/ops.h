@@ -16,6 +16,10 @@ at::Tensor range_decode_attention(const at::Tensor& q, const at::Tensor& k_range
 std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
                                             const at::Tensor& weight, double eps);
 
+at::Tensor silu_mul(const at::Tensor& x);
+
+at::Tensor argmax_rows(const at::Tensor& x);
+
 void rope_(at::Tensor& q, at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin);
 
 }  // namespace xllm
