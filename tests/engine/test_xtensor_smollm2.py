@@ -98,3 +98,21 @@ def test_pool_goes_away_with_the_engine():
     del llm
     gc.collect()
     assert pool_mappings() == before
+
+
+def test_decode_pages_are_mapped_ahead_by_the_helper():
+    """With overlap, a running request also holds the block its next token needs (when blocks
+    are plentiful), and the helper maps it during the forward pass: decode steps map nothing."""
+    prompts = [f"Count the bakery's loaves, batch {i}:" for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=70, ignore_eos=True)
+    llm = LLM(dtype="float32", max_model_len=256, kv_layout="xtensor", kv_cache_memory_gib=0.1)
+    outs = llm.generate(prompts, params)
+    runner = llm.engine.runner
+    prompt_pages = sum(-(-len(o.prompt_token_ids) // 16) for o in outs)
+    assert runner.pages_mapped_ahead >= 4 * 4  # ~70 decode tokens each: 4+ block crossings per request
+    assert runner.pages_mapped_in_step <= prompt_pages  # only the prompts' pages, mapped when prefilled
+    paged = LLM(dtype="float32", max_model_len=256, kv_cache_memory_gib=0.1).generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in paged]
+    llm.engine.step()
+    llm.engine.kv.check_invariants()
+    assert llm.engine.kv.pool.num_free == llm.engine.kv.num_blocks  # look-ahead blocks were freed too

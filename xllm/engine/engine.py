@@ -109,6 +109,7 @@ class LLMEngine:
         self._ids = itertools.count()
         # Overlap: a step's output processing runs in this helper thread while the next step computes.
         self._helper = ThreadPoolExecutor(1, "xllm-outputs") if config.overlap else None
+        self.kv.lookahead = config.overlap and config.cache.kv_layout == "xtensor"  # the helper maps it ahead
         self._pending: tuple[SchedulerOutput, list[Request], RunnerOutput] | None = None  # recorded, not yet processed
         self.output_sink: Callable[[list[RequestOutput]], None] | None = None
         self.timing = StepTiming()
@@ -269,6 +270,8 @@ class LLMEngine:
         def launch():  # once N+1's inputs are laid out (no contention for the GIL with that)
             if pending is not None:
                 processing.append(self._helper.submit(self._process_to_sink, *pending))
+            if self.kv.lookahead:
+                processing.append(self._helper.submit(self.runner.map_ahead, scheduled))
 
         try:
             result = self._run(scheduled, launch)  # step N+1 computes while the helper processes step N
@@ -276,7 +279,8 @@ class LLMEngine:
             if pending is not None and not processing:
                 launch()  # the step failed before its forward pass: still process N
             waited = time.perf_counter()
-            outputs = processing[0].result() if processing else []
+            results = [job.result() for job in processing]
+            outputs = results[0] if pending is not None else []
             self.timing.wait_s += time.perf_counter() - waited
         changed = self.scheduler.update(scheduled, result)
         if scheduled.is_empty:  # nothing computed: report what this turn ended (timeouts) now

@@ -35,6 +35,9 @@ class KVCacheManager:
         self._num_cached: dict[str, int] = {}  # per request: leading blocks already filed in the index
         self.loads_pending = False  # the last lookup found its chain still being read from disk
         self._freed: list[str] = []  # requests whose blocks were freed since the last `take_freed`
+        # Running requests also get the block their next token will need, when blocks are plentiful
+        # (the xtensor runner maps it ahead, off the critical path); set by the engine.
+        self.lookahead = False
         self.prefix_cache_queries = 0  # prompt tokens looked up
         self.prefix_cache_hits = 0  # of which found in the cache
 

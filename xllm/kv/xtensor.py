@@ -227,6 +227,10 @@ class XTensorPool:
                 self._mapped[s] = []
             self._free_slots.append(s)
 
+    def num_mapped(self, seq_id: str) -> int:
+        s = self._slot_of.get(seq_id)
+        return 0 if s is None else len(self._mapped[s])
+
     def mapped_pages(self, seq_id: str) -> list[int]:
         s = self._slot_of.get(seq_id)
         return [] if s is None else list(self._mapped[s])

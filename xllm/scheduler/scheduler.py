@@ -207,8 +207,13 @@ class Scheduler:
 
     def _allocate_or_preempt(self, request: Request, num_new: int, out: SchedulerOutput) -> bool:
         """Blocks for a running request's next tokens, preempting the last-ranked running requests
-        as needed; False if `request` itself was preempted or ended instead."""
-        while not self.kv.allocate_slots(request.request_id, request.num_computed_tokens + num_new):
+        as needed; False if `request` itself was preempted or ended instead. With look-ahead on and
+        a free block per running request to spare, the block of the token after these is taken
+        too (never at the cost of a preemption)."""
+        total = request.num_computed_tokens + num_new
+        if self.kv.lookahead and self.kv.pool.num_free > len(self.running) and self.kv.allocate_slots(request.request_id, total + 1):
+            return True
+        while not self.kv.allocate_slots(request.request_id, total):
             victim = self.running[-1]  # ranked last
             if victim is request and len(self.running) == 1:
                 # Alone and still out of blocks: it can never grow; end it rather than loop.

@@ -62,6 +62,8 @@ class ModelRunner:
         self.kv_ranges = ranges
         self.bind_cache()
         self.sampler = Sampler(seed)
+        self.pages_mapped_in_step = 0  # xtensor: pages mapped while laying out a step's inputs
+        self.pages_mapped_ahead = 0  # ...and by `map_ahead`, off the critical path
         self.execute_s = 0.0  # time in `execute` (input layout + forward + sampling), summed
         self.prepare_s = 0.0  # of which the input layout (`_prepare`)
         logger.info(
@@ -106,6 +108,21 @@ class ModelRunner:
         caches = [phys[:, i].transpose(0, 1) for i in range(layers)]
         return caches, [(rng[:, :, i, 0], rng[:, :, i, 1]) for i in range(layers)]
 
+    def map_ahead(self, so: SchedulerOutput) -> None:
+        """xtensor: map the blocks the step's requests hold beyond what the step uses (the
+        scheduler's look-ahead block), so the step that first writes one finds it mapped. The
+        engine calls this from its helper thread while the step computes: the forward pass reads
+        only pages mapped before it, and nothing else maps or unmaps until the helper is joined."""
+        xt = self.xtensor
+        if xt is None:
+            return
+        for item in so.scheduled:
+            have = xt.num_mapped(item.request_id)
+            pages = item.block_ids[: xt.range_pages]
+            if xt.has(item.request_id) and len(pages) > have:
+                xt.map_pages(item.request_id, pages)
+                self.pages_mapped_ahead += len(pages) - have
+
     def release(self, request_ids: list[str]) -> None:
         """Drop what the runner keeps for requests the scheduler freed (their xtensor ranges)."""
         if self.xtensor is not None:
@@ -131,7 +148,10 @@ class ModelRunner:
             positions.extend(pos)
             slots.extend(item.block_ids[p // bs] * bs + p % bs for p in pos)
             num_blocks = -(-(item.start_pos + n) // bs)
-            slot = xt.map_pages(item.request_id, item.block_ids[:num_blocks]) if xt is not None else None
+            slot = None
+            if xt is not None:
+                self.pages_mapped_in_step += max(0, num_blocks - xt.num_mapped(item.request_id))
+                slot = xt.map_pages(item.request_id, item.block_ids[:num_blocks])
             if n == 1:
                 decode_rows.append(row)
                 decode_tables.append(item.block_ids)
