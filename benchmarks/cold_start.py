@@ -23,18 +23,14 @@ import tempfile
 import time
 import urllib.request
 
-from xllm.bench.launch import free_port, launch
+from xllm.bench.launch import launch_xllm
 from xllm.config import default_cache_dir
 from xllm.ops import cpu_kernels
 
 
 def one_start(log_dir: str, model: str | None, threads: int) -> float:
-    port = free_port()
-    cmd = [sys.executable, "-m", "xllm.entrypoints.cli", "serve", "--port", str(port), "--threads", str(threads)]
-    if model:
-        cmd += ["--model", model]
     started = time.perf_counter()
-    with launch(cmd, port, log_dir, timeout=900, health="/health") as server:
+    with launch_xllm(log_dir, *(["--model", model] if model else []), threads=threads, timeout=900) as server:
         body = json.dumps({"prompt": "Hello, my name is", "max_tokens": 8, "temperature": 0}).encode()
         request = urllib.request.Request(server.v1 + "/completions", body, {"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=300) as response:

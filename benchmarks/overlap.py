@@ -31,12 +31,13 @@ import torch
 from xllm import LLM, SamplingParams
 from xllm.bench.machine import machine_info
 from xllm.bench.report import table
+from xllm.engine.engine import StepTiming
 
 
 def run_once(llm: LLM, prompts: list[list[int]], output_len: int) -> dict:
     engine = llm.engine
     runner = engine.runner
-    engine.timing.__init__()
+    engine.timing = StepTiming()
     runner.execute_s = runner.prepare_s = 0.0
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, stop=["never-appears-here"])
     llm.generate(prompts, params)

@@ -112,9 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             c.copy_(torch.randn(c.shape, generator=gen, dtype=torch.float32).to(c.dtype))
         runners[layout] = runner
     pool = runners["xtensor"].xtensor
-    paths = [True] + ([] if args.no_torch_path or cpu_kernels.load() is None else [False])
-    if cpu_kernels.load() is None:
-        paths = [False]
+    built = cpu_kernels.load() is not None
+    paths = ([True] if built else []) + ([] if args.no_torch_path and built else [False])
     rows, results = [], []
     for kernels in paths:
         cpu_kernels.set_enabled(kernels)

@@ -17,7 +17,8 @@ import time
 import pytest
 from aiohttp import web
 
-from xllm.bench.serve import ServeBenchConfig, ServerClient, add_serve_args, cmd_serve, config_from_args, run_benchmark
+from xllm.bench.serve import ServeBenchConfig, add_serve_args, cmd_serve, config_from_args, run_benchmark
+from xllm.bench.serve_client import ServerClient
 from xllm.bench.serve_report import format_report
 from xllm.bench.serve_workload import BenchRequest
 

@@ -45,7 +45,6 @@ class StepTiming:
     steps: int = 0
     wall_s: float = 0.0  # whole turns of `step`
     process_s: float = 0.0  # detokenization, stop strings, outputs
-    wait_s: float = 0.0  # overlapped: waiting for the helper after the forward pass
 
 
 @dataclass
@@ -278,10 +277,8 @@ class LLMEngine:
         finally:
             if pending is not None and not processing:
                 launch()  # the step failed before its forward pass: still process N
-            waited = time.perf_counter()
             results = [job.result() for job in processing]
             outputs = results[0] if pending is not None else []
-            self.timing.wait_s += time.perf_counter() - waited
         changed = self.scheduler.update(scheduled, result)
         if scheduled.is_empty:  # nothing computed: report what this turn ended (timeouts) now
             outputs += self._process_to_sink(scheduled, changed, result)
