@@ -8,8 +8,13 @@ own timers (medians over repeats):
 
 - `wall`: one turn of `LLMEngine.step`;
 - `compute`: the forward pass and sampling (the runner's `execute` minus its input layout);
-- `host`: what is left, `wall - compute`: scheduling, input layout, recording tokens and, when not
-  overlapped, detokenization and outputs;
+- `host`: what is left, `wall - compute`: what the engine thread does around the forward pass
+  (serial: scheduling, input layout, recording tokens, detokenization and outputs; overlapped:
+  recording tokens, filling placeholders, xtensor mapping, joining the helper);
+- `on critical path`: the part of the runner's input work done in `execute` (serial: the whole
+  layout; overlapped: the binding of placeholders and ranges only);
+- `scheduled`: scheduling and input layout, in the helper thread while the step before computes
+  when overlapped;
 - `processed`: detokenization, stop strings and outputs, in the helper thread when overlapped;
 - `exposed`: the host share of the step, `host / wall`.
 
@@ -39,6 +44,7 @@ def run_once(llm: LLM, prompts: list[list[int]], output_len: int) -> dict:
     runner = engine.runner
     engine.timing = StepTiming()
     runner.execute_s = runner.prepare_s = 0.0
+    engine.timing.schedule_s = 0.0
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, stop=["never-appears-here"])
     llm.generate(prompts, params)
     t = engine.timing
@@ -52,6 +58,7 @@ def run_once(llm: LLM, prompts: list[list[int]], output_len: int) -> dict:
         "host_ms": (wall - compute) * 1e3,
         "prepare_ms": runner.prepare_s / steps * 1e3,
         "processed_ms": t.process_s / steps * 1e3,
+        "scheduled_ms": t.schedule_s / steps * 1e3,
         "exposed_pct": 100 * (wall - compute) / wall,
     }
 
@@ -81,12 +88,15 @@ def main(argv: list[str] | None = None) -> int:
         prompts = [[rng.randrange(vocab) for _ in range(args.input_len)] for _ in range(args.batch)]
         for overlap, llm in llms.items():
             runs[overlap].append(run_once(llm, prompts, args.output_len))
-    keys = ("wall_ms", "compute_ms", "host_ms", "prepare_ms", "processed_ms", "exposed_pct")
+    keys = ("wall_ms", "compute_ms", "host_ms", "prepare_ms", "scheduled_ms", "processed_ms", "exposed_pct")
     med = {overlap: {k: statistics.median(r[k] for r in rs) for k in keys} for overlap, rs in runs.items()}
-    rows = [["overlap", "wall ms/step", "compute ms", "host ms", "of which input layout", "processed ms", "host exposed"]]
+    rows = [["overlap", "wall ms/step", "compute ms", "host ms", "of which input work", "scheduled ms", "processed ms",
+             "host exposed"]]
     for overlap, m in med.items():
+        where = ", in the helper" if overlap else ""
         rows.append(["on" if overlap else "off", f"{m['wall_ms']:.2f}", f"{m['compute_ms']:.2f}", f"{m['host_ms']:.2f}",
-                     f"{m['prepare_ms']:.2f}", f"{m['processed_ms']:.2f}", f"{m['exposed_pct']:.1f}%"])
+                     f"{m['prepare_ms']:.2f}", f"{m['scheduled_ms']:.2f}{where}", f"{m['processed_ms']:.2f}{where}",
+                     f"{m['exposed_pct']:.1f}%"])
     info = machine_info(torch.get_num_threads())
     print(f"engine host time per step, batch {args.batch}, {args.input_len} in / {args.output_len} out, {args.dtype}; "
           f"{info['cpu']}, {torch.get_num_threads()} threads; medians of {args.repeats} interleaved repeats")

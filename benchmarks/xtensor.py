@@ -69,7 +69,9 @@ def time_ms(fn, repeats: int) -> float:
 
 def attention_all_layers(runner: ModelRunner, so: SchedulerOutput):
     arch = runner.arch
-    _, _, md, _ = runner._prepare(so)
+    inputs = runner.layout(so)
+    runner._bind(so, inputs, None)
+    md = inputs.md
     b = len(so.scheduled)
     q = torch.randn(b, arch.num_attention_heads, arch.head_dim, dtype=runner.dtype)
     k = torch.randn(b, arch.num_key_value_heads, arch.head_dim, dtype=runner.dtype)

@@ -50,35 +50,42 @@ def test_same_outputs_with_overlap_on_and_off(engines, params):
         assert not llm.engine.has_unfinished_requests()
 
 
-def test_processing_runs_in_the_helper_while_the_next_step_computes(engines):
+def test_processing_and_scheduling_run_in_the_helper_while_the_step_computes(engines):
     engine = engines[True].engine
     in_forward = threading.Event()
-    seen = []  # (thread name, whether a forward pass was running) per processed step
-    execute, process = engine.runner.execute, engine._process
+    seen = []  # (what, thread name, whether a forward pass was running)
+    execute, process, schedule = engine.runner.execute, engine._process, engine.scheduler.schedule
 
-    def slow_execute(so, before_forward=None):
+    def slow_execute(so, before_forward=None, *args):
         def slow_start():
             in_forward.set()
-            before_forward()  # the helper starts on the previous step's outputs
+            before_forward()  # the helper starts on the previous step's outputs, then the next step
             time.sleep(0.05)  # long enough for it to finish them
 
         try:
-            return execute(so, slow_start)
+            return execute(so, slow_start, *args)
         finally:
             in_forward.clear()
 
-    def spy_process(*args):
-        seen.append((threading.current_thread().name, in_forward.is_set()))
-        return process(*args)
+    def spy(what, fn):
+        def wrapped(*args):
+            seen.append((what, threading.current_thread().name, in_forward.is_set()))
+            return fn(*args)
 
-    engine.runner.execute, engine._process = slow_execute, spy_process
+        return wrapped
+
+    engine.runner.execute, engine._process = slow_execute, spy("process", process)
+    engine.scheduler.schedule = spy("schedule", schedule)
     try:
         out = engines[True].generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
     finally:
-        del engine.runner.execute, engine._process
+        del engine.runner.execute, engine._process, engine.scheduler.schedule
     assert all(len(o.outputs[0].token_ids) == 6 for o in out)
-    overlapped = [name for name, during in seen if during]
-    assert len(overlapped) >= 5 and all(name.startswith("xllm-outputs") for name in overlapped)
+    for what in ("process", "schedule"):
+        overlapped = [name for w, name, during in seen if w == what and during]
+        assert len(overlapped) >= 5 and all(name.startswith("xllm-outputs") for name in overlapped), (what, seen)
+    # only the first step (nothing computing yet) is scheduled on the calling thread
+    assert [w for w, _, during in seen if w == "schedule" and not during] == ["schedule"]
 
 
 def test_stream_sink_gets_each_step_while_the_next_computes(engines):
@@ -109,3 +116,27 @@ def test_abort_between_overlapped_steps(engines):
         engine.step()  # the recorded step of the aborted request is dropped
     engine.kv.check_invariants()
     assert engine.kv.pool.num_free == engine.kv.num_blocks
+
+
+LONG = "You are a careful assistant for a bakery. You know every bread, its flour, its oven time and its price. " * 3
+
+
+@pytest.mark.parametrize("layout", ["paged", "xtensor"])
+def test_same_outputs_under_preemption_prefix_hits_and_a_host_tier(layout):
+    """A cache too small for the batch: with pipelined scheduling, requests are preempted while a
+    step of theirs computes, freed blocks are promoted into from the host tier while the step
+    before writes, and the tokens are those of the serial loop."""
+    params = SamplingParams(temperature=0.8, seed=3, n=2, max_tokens=40, ignore_eos=True)
+    prompts = [LONG + p for p in PROMPTS[:3]] + PROMPTS[3:]
+    got = {}
+    for overlap in (False, True):
+        llm = LLM(dtype="float32", max_model_len=512, kv_layout=layout, num_blocks=24, max_num_seqs=8,
+                  max_num_batched_tokens=64, kv_host_memory_gib=0.05, overlap=overlap)
+        first = llm.generate(prompts[:1], params)  # its prefix is cached, then demoted to the host tier
+        rest = llm.generate(prompts[1:], params)
+        engine = llm.engine
+        assert engine.scheduler.num_preemptions > 0 and engine.kv.tiers.hits["host"] > 0
+        engine.kv.check_invariants()
+        assert engine.kv.pool.num_free == engine.kv.num_blocks
+        got[overlap] = [[c.token_ids for c in o.outputs] for o in first + rest]
+    assert got[True] == got[False]

@@ -199,3 +199,24 @@ def test_scheduler_lets_a_request_wait_for_its_disk_reads_while_others_run(tmp_p
     got = step()
     # big's first decode took the last free block, evicting a's first block to disk as well.
     assert got == {"b": (12, 1)} and tiers.hits["disk"] == 3
+
+
+def test_promotion_skips_blocks_the_step_in_flight_writes():
+    """While a step computes, a request in it may be freed (a stop, a preemption) and its blocks
+    with it; the step still writes them, so promotions (the next step being scheduled) keep out."""
+    kv = caches(num_blocks=4)
+    tiers = KVTiers(kv, host_blocks=8)
+    prompt = list(range(9))  # 2 full blocks + 1
+    hashes = []
+    extend_hashes(hashes, prompt, 4, 2, None)
+    for i, hsh in enumerate(hashes):
+        tiers.demote(i, hsh)
+    m = KVCacheManager(4, block_size=4, tiers=tiers)
+    m.busy_blocks = frozenset({0, 1})  # the coldest free blocks
+    hits = m.find_cached_prefix("b", prompt)
+    assert hits == [2, 3]
+    m2 = KVCacheManager(4, block_size=4, tiers=tiers)
+    m2.busy_blocks = frozenset({0, 1, 2})
+    assert m2.find_cached_prefix("c", prompt) == [3]  # one block left to promote into
+    m.check_invariants()
+    m2.check_invariants()

@@ -7,8 +7,9 @@ returns what changed, detokenized incrementally, with stop strings applied. Bad 
 A request with n > 1 becomes n scheduler requests ("samples"); samples 1..n-1 reuse the KV
 blocks of sample 0's prompt. The engine gathers them back into one `RequestOutput`.
 
-By default the output processing of one step (detokenization, stop strings, outputs) runs in a
-helper thread while the next step computes (`step`); `EngineConfig.overlap=False` runs them in turn.
+By default the CPU work around a step runs in a helper thread while the step computes (`step`):
+the previous step's output processing (detokenization, stop strings, outputs) and the scheduling
+and input layout of the next step. `EngineConfig.overlap=False` runs them in turn.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from xllm.sampling_params import SamplingParams
 from xllm.scheduler.output import RunnerOutput, SchedulerOutput, TokenLogprobs
 from xllm.scheduler.request import Request
 from xllm.scheduler.scheduler import Scheduler
-from xllm.worker.model_runner import ModelRunner, kv_bytes_per_block
+from xllm.worker.model_runner import ModelRunner, StepInputs, kv_bytes_per_block
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class StepTiming:
     steps: int = 0
     wall_s: float = 0.0  # whole turns of `step`
     process_s: float = 0.0  # detokenization, stop strings, outputs
+    schedule_s: float = 0.0  # scheduling and input layout (in the helper, during the step before, when overlapped)
 
 
 @dataclass
@@ -110,6 +112,8 @@ class LLMEngine:
         self._helper = ThreadPoolExecutor(1, "xllm-outputs") if config.overlap else None
         self.kv.lookahead = config.overlap and config.cache.kv_layout == "xtensor"  # the helper maps it ahead
         self._pending: tuple[SchedulerOutput, list[Request], RunnerOutput] | None = None  # recorded, not yet processed
+        self._ahead: tuple[SchedulerOutput, StepInputs | None] | None = None  # scheduled during the last forward pass
+        self._prev_result: RunnerOutput | None = None  # its tokens fill the next step's placeholders
         self.output_sink: Callable[[list[RequestOutput]], None] | None = None
         self.timing = StepTiming()
         self._groups: dict[str, _Group] = {}
@@ -233,19 +237,21 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One turn of the loop; returns the requests whose output changed.
 
-        Serial (`overlap=False`): schedule, run the step, record its tokens, detokenize. Overlapped
-        (the default): the step N+1 is scheduled as soon as step N's tokens are recorded (and
-        token-level stops applied), and while its forward pass runs on this thread, a helper
-        thread detokenizes step N's tokens, applies stop strings and builds the outputs. Those
-        go to `output_sink` from the helper at once when one is set (the server streams them while
-        N+1 computes); otherwise this call returns them, one turn later. A request that a stop
-        string ends still has its token in N+1 computed, then dropped. The forward pass stays on
-        the calling thread: the thread that runs torch's parallel regions must be the one that
-        always does (AsyncLLM's note on OpenMP teams); the helper runs Python only."""
+        Serial (`overlap=False`): schedule, run the step, record its tokens, detokenize. Pipelined
+        (the default): while step N's forward pass runs on this thread, the helper thread first
+        processes step N-1 (detokenizes its tokens, applies stop strings, builds the outputs), then
+        schedules step N+1 and lays out its inputs; a decode whose input token N is still sampling
+        gets a placeholder. When N's forward pass ends, its tokens are recorded (token-level stops
+        applied), and the next turn fills them into N+1's placeholders, drops N+1's items whose
+        request ended meanwhile, and runs it. Outputs go to `output_sink` from the helper as soon
+        as they are built when one is set (the server streams them while the next step computes);
+        otherwise this call returns them, one turn later. The forward pass stays on the calling
+        thread: the thread that runs torch's parallel regions must be the one that always does
+        (AsyncLLM's note on OpenMP teams); the helper runs Python and small tensor building only."""
         started = time.perf_counter()
         if self._helper is None:
-            scheduled = self.scheduler.schedule()
-            result = self._run(scheduled)
+            scheduled, inputs = self._schedule()
+            result = self._run(scheduled, inputs=inputs)
             outputs = self._process(scheduled, self.scheduler.update(scheduled, result), result)
         else:
             outputs = self._step_overlapped()
@@ -253,33 +259,87 @@ class LLMEngine:
         self.timing.wall_s += time.perf_counter() - started
         return outputs
 
-    def _run(self, scheduled: SchedulerOutput, before_forward: Callable[[], None] | None = None) -> RunnerOutput:
+    def _run(
+        self, scheduled: SchedulerOutput, before_forward: Callable[[], None] | None = None, inputs: StepInputs | None = None,
+        prev: RunnerOutput | None = None,
+    ) -> RunnerOutput:
         if scheduled.is_empty:
             self.runner.release(scheduled.freed_ids)
             if before_forward is not None:
                 before_forward()
             return RunnerOutput()
-        return self.runner.execute(scheduled, before_forward)
+        return self.runner.execute(scheduled, before_forward, inputs, prev)
+
+    def _schedule(self) -> tuple[SchedulerOutput, StepInputs | None]:
+        """Schedule the next step and lay out its inputs (in the helper thread while a step computes)."""
+        started = time.perf_counter()
+        scheduled = self.scheduler.schedule()
+        inputs = self.runner.layout(scheduled) if not scheduled.is_empty else None
+        self.timing.schedule_s += time.perf_counter() - started
+        return scheduled, inputs
+
+    def _schedule_ahead(self) -> tuple[SchedulerOutput, StepInputs | None]:
+        scheduled, inputs = self._schedule()
+        if self.kv.lookahead:
+            self.runner.map_ahead(scheduled)  # its pages, mapped before it needs them
+        return scheduled, inputs
+
+    def _next_step(self) -> tuple[SchedulerOutput, StepInputs | None]:
+        """The step to run now: the one scheduled during the last forward pass, less the items whose
+        request ended since (a stop, an abort, a timeout), or, when that leaves nothing, a step
+        scheduled now. The ranges of every request freed so far are released before it runs."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            scheduled, inputs = ahead
+            live = [item for item in scheduled.scheduled if self._live(item)]
+            if len(live) < len(scheduled.scheduled):
+                scheduled.scheduled, inputs = live, None  # laid out again, without them
+        if ahead is None or (scheduled.is_empty and self.scheduler.has_unfinished()):
+            freed = scheduled.freed_ids if ahead is not None else []
+            scheduled, inputs = self._schedule()
+            scheduled.freed_ids[:0] = freed
+        scheduled.freed_ids += self.kv.take_freed()
+        return scheduled, inputs
+
+    def _live(self, item) -> bool:
+        request = self.scheduler.requests.get(item.request_id)
+        return request is not None and not request.finished and request.num_preemptions == item.epoch
+
+    def _written_blocks(self, scheduled: SchedulerOutput) -> frozenset[int]:
+        bs = self.kv.block_size
+        return frozenset(
+            b for item in scheduled.scheduled
+            for b in item.block_ids[item.start_pos // bs : (item.start_pos + len(item.token_ids) - 1) // bs + 1]
+        )
 
     def _step_overlapped(self) -> list[RequestOutput]:
-        scheduled = self.scheduler.schedule()
+        scheduled, inputs = self._next_step()
         pending, self._pending = self._pending, None
-        processing = []
+        prev, self._prev_result = self._prev_result, None
+        jobs = {}
 
-        def launch():  # once N+1's inputs are laid out (no contention for the GIL with that)
+        def launch():  # once this step's inputs are bound (no contention for the GIL with that)
             if pending is not None:
-                processing.append(self._helper.submit(self._process_to_sink, *pending))
-            if self.kv.lookahead:
-                processing.append(self._helper.submit(self.runner.map_ahead, scheduled))
+                jobs["outputs"] = self._helper.submit(self._process_to_sink, *pending)
+            if not scheduled.is_empty:
+                if self.kv.tiers is not None:
+                    self.kv.busy_blocks = self._written_blocks(scheduled)
+                jobs["ahead"] = self._helper.submit(self._schedule_ahead)
 
         try:
-            result = self._run(scheduled, launch)  # step N+1 computes while the helper processes step N
+            # step N computes while the helper processes step N-1's outputs and schedules step N+1
+            result = self._run(scheduled, launch, inputs, prev)
         finally:
-            if pending is not None and not processing:
-                launch()  # the step failed before its forward pass: still process N
-            results = [job.result() for job in processing]
-            outputs = results[0] if pending is not None else []
+            if not jobs:
+                launch()  # the step failed before its forward pass: still process N-1
+            try:
+                outputs = jobs["outputs"].result() if "outputs" in jobs else []
+                if "ahead" in jobs:
+                    self._ahead = jobs["ahead"].result()
+            finally:
+                self.kv.busy_blocks = frozenset()
         changed = self.scheduler.update(scheduled, result)
+        self._prev_result = result
         if scheduled.is_empty:  # nothing computed: report what this turn ended (timeouts) now
             outputs += self._process_to_sink(scheduled, changed, result)
         elif changed or result.prompt_logprobs:  # else only dropped tokens of requests already ended

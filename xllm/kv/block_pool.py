@@ -49,6 +49,16 @@ class BlockPool:
             blocks.append(b)
         return blocks
 
+    def allocate_one(self, avoid: set[int] | frozenset[int] = frozenset()) -> int | None:
+        """The coldest free block not in `avoid`, with reference count 1; None if there is none."""
+        b = next((b for b in self._free if b not in avoid), None)
+        if b is None:
+            return None
+        del self._free[b]
+        self._evict(b)
+        self.ref_counts[b] = 1
+        return b
+
     def _evict(self, b: int) -> None:
         h = self.block_hash[b]
         if h is not None:
@@ -105,10 +115,6 @@ class BlockPool:
                     break
                 blocks.append(b)
         return blocks
-
-    def coldest_free(self) -> int | None:
-        """The free block `allocate` would take next."""
-        return next(iter(self._free), None)
 
     def num_free_among(self, blocks: list[int]) -> int:
         return sum(1 for b in blocks if self.ref_counts[b] == 0)

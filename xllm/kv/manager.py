@@ -38,6 +38,10 @@ class KVCacheManager:
         # Running requests also get the block their next token will need, when blocks are plentiful
         # (the xtensor runner maps it ahead, off the critical path); set by the engine.
         self.lookahead = False
+        # Blocks the step now computing writes (set by the engine while it schedules the next step
+        # meanwhile): promotions from the lower tiers, the only writes outside a forward pass, keep
+        # out of them, since a request may free its blocks while its step is still running.
+        self.busy_blocks: frozenset[int] = frozenset()
         self.prefix_cache_queries = 0  # prompt tokens looked up
         self.prefix_cache_hits = 0  # of which found in the cache
 
@@ -125,12 +129,15 @@ class KVCacheManager:
     def _promote(self, hashes: list[bytes], chain: set[int]) -> list[int]:
         """Bring the leading `hashes` found in the lower tiers back into free device blocks, filed in
         the index (cached and free, so `allocate_slots` takes them as hits). Stops at the first hash
-        no tier has intact, and before it would evict a block of the chain itself."""
+        no tier has intact, or when every free block is of the chain itself or written by the step
+        in flight (`busy_blocks`)."""
         promoted = []
         for h in hashes:
-            if self.tiers.tier_of(h) is None or self.pool.coldest_free() in chain or self.pool.num_free == 0:
+            if self.tiers.tier_of(h) is None:
                 break
-            (b,) = self.pool.allocate(1)
+            b = self.pool.allocate_one(chain | self.busy_blocks)
+            if b is None:
+                break
             if not self.tiers.promote(h, b):
                 self.pool.free([b])
                 break

@@ -115,6 +115,8 @@ def paged_attention(
         table = md.decode_block_tables.flatten()
         kd = kv_cache[0].index_select(0, table).view(bd, -1, hkv, d).transpose(1, 2)
         vd = kv_cache[1].index_select(0, table).view(bd, -1, hkv, d).transpose(1, 2)
+        if md.decode_mask is None:  # built on first use, by the first layer that takes this path
+            md.decode_mask = build_decode_mask(md.decode_seq_lens, md.decode_block_tables.shape[1], md.block_size, torch.float32)
         o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=md.decode_mask.to(q.dtype), scale=scale)
         out[md.decode_rows] = o.reshape(bd, h, d)
     return out

@@ -29,6 +29,10 @@ class ScheduledRequest:
     sample: bool  # True when this step reaches the end of the known tokens, so a next token is sampled
     sampling: SamplingContext
     want_prompt_logprobs: bool = False  # this chunk's prompt positions need logprobs
+    # The last of token_ids is still being sampled by the step in flight (a placeholder): the
+    # runner takes it from that step's output before this one runs.
+    fill_last: bool = False
+    epoch: int = 0  # the request's preemption count when scheduled: a later preemption voids the item
 
 
 @dataclass

@@ -18,7 +18,7 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # identity: queues find and remove requests by identity
 class Request:
     request_id: str
     prompt_token_ids: list[int]
@@ -40,7 +40,12 @@ class Request:
     first_scheduled_time: float | None = None  # when it first got a step (queue time ends)
     first_token_time: float | None = None
     output_token_ids: list[int] = field(default_factory=list)
+    # Tokens whose KV a scheduled step computes (advanced when the step is scheduled, so the next
+    # step can be scheduled while this one computes).
     num_computed_tokens: int = 0
+    # Tokens sampled by steps that are scheduled but not yet recorded (at most two: the step that
+    # computes and the one scheduled during it).
+    num_placeholders: int = 0
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
     stop_reason: str | int | None = None
@@ -62,12 +67,24 @@ class Request:
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """all_token_ids[start:end], without building the whole list (a decode takes one token)."""
+        p = len(self.prompt_token_ids)
+        if start >= p:
+            return self.output_token_ids[start - p : end - p]
+        return self.prompt_token_ids[start:end] + self.output_token_ids[: max(0, end - p)]
+
     @property
     def finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
     def tokens_to_compute(self) -> int:
-        return self.num_tokens - self.num_computed_tokens
+        return self.num_tokens + self.num_placeholders - self.num_computed_tokens
+
+    @property
+    def at_length_cap(self) -> bool:
+        """Its steps in flight already sample its last allowed token: nothing more to schedule."""
+        return len(self.output_token_ids) + self.num_placeholders >= self.max_output_tokens
 
     def finish(self, reason: str, stop_reason: str | int | None = None) -> None:
         self.status = RequestStatus.FINISHED

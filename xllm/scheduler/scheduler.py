@@ -25,6 +25,15 @@ running ones that rank below it when it cannot get blocks. A request past its de
 
 With prefix caching, a request being admitted first takes the longest cached prefix of its full
 blocks and starts computing after it; each step files newly full blocks in the cache.
+
+Pipelining: `schedule` advances `num_computed_tokens` as it schedules, and a step that samples
+leaves a placeholder for the token it will produce. So the next step can be scheduled while this
+one computes (the engine does so in its helper thread): a request whose token is still in flight
+gets a decode whose input is that placeholder (`fill_last`; the runner fills it in from the
+step's output), and one whose steps in flight already sample its last allowed token
+(`max_tokens`) is not scheduled again. `update` then records the step: tokens, stops, and the
+prefix-cache blocks its computed tokens filled. An item whose request ended or was preempted
+after it was scheduled is void; the engine drops it before the step runs.
 """
 
 from __future__ import annotations
@@ -100,6 +109,7 @@ class Scheduler:
         self.running.remove(request)
         self.kv.free(request.request_id)
         request.num_computed_tokens = 0
+        request.num_placeholders = 0  # a step in flight still records its token (`update`)
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self.num_preemptions += 1
@@ -133,20 +143,29 @@ class Scheduler:
             chosen = self._fill(out, False)
         for request, num_new in chosen:
             start = request.num_computed_tokens
+            end = start + num_new
             prompt_len = len(request.prompt_token_ids)
+            fill = end - request.num_tokens  # 1: the last input token is sampled by the step in flight
+            if fill > 1:
+                raise AssertionError(f"request {request.request_id!r}: {fill} input tokens not sampled yet")
+            sample = end == request.num_tokens + request.num_placeholders
             out.scheduled.append(
                 ScheduledRequest(
                     request_id=request.request_id,
-                    token_ids=request.all_token_ids[start : start + num_new],
+                    token_ids=request.token_slice(start, end - max(fill, 0)) + [0] * max(fill, 0),
                     start_pos=start,
                     block_ids=list(self.kv.block_ids(request.request_id)),
-                    sample=start + num_new == request.num_tokens,
+                    sample=sample,
                     sampling=request.sampling,
                     want_prompt_logprobs=request.params.prompt_logprobs is not None
                     and start < prompt_len - 1
                     and len(request.prompt_logprobs) < prompt_len - 1,
+                    fill_last=fill == 1,
+                    epoch=request.num_preemptions,
                 )
             )
+            request.num_computed_tokens = end
+            request.num_placeholders += sample
         out.freed_ids = self.kv.take_freed()
         return out
 
@@ -159,7 +178,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             in_prompt = request.num_computed_tokens < len(request.prompt_token_ids)
-            num_new = self._chunk(request, budget) if (in_prompt or not prefill_step) else 0
+            num_new = self._chunk(request, budget) if (in_prompt or not prefill_step) and not request.at_length_cap else 0
             if num_new <= 0:
                 i += 1
                 continue
@@ -299,15 +318,20 @@ class Scheduler:
         return True
 
     def update(self, out: SchedulerOutput, result: RunnerOutput) -> list[Request]:
-        """Record a finished step; return the requests that got a new token (finished ones included)."""
+        """Record a finished step; return the requests that got a new token (finished ones included).
+        A request preempted after the step was scheduled still gets the token the step sampled
+        (it was computed from intact KV); it recomputes from the start when readmitted."""
         changed, self._ended_while_scheduling = self._ended_while_scheduling, []
+        bs = self.kv.block_size
         for item in out.scheduled:
             request = self.requests.get(item.request_id)
             if request is None or request.finished:
-                continue  # aborted while the step ran
-            request.num_computed_tokens += len(item.token_ids)
-            if request.num_computed_tokens // self.kv.block_size > self.kv.num_cached_blocks(request.request_id):
-                self.kv.cache_computed(request.request_id, request.all_token_ids, request.num_computed_tokens, request.cache_salt)
+                continue  # ended while the step ran (its item was dropped, or its token is void)
+            if request.num_preemptions == item.epoch:
+                request.num_placeholders -= item.sample
+                computed = item.start_pos + len(item.token_ids)
+                if computed // bs > self.kv.num_cached_blocks(request.request_id):
+                    self.kv.cache_computed(request.request_id, request.all_token_ids, computed, request.cache_salt)
             if item.request_id in result.prompt_logprobs:
                 request.add_prompt_logprobs(*result.prompt_logprobs[item.request_id])
             token = result.sampled_token_ids.get(item.request_id)
@@ -318,8 +342,9 @@ class Scheduler:
                 request.first_token_time = time.monotonic()
             if item.request_id in result.logprobs:
                 request.logprobs.append(result.logprobs[item.request_id])
+            queue = self.running if request.status is RequestStatus.RUNNING else self.waiting
             if request.check_stop():
-                self.running.remove(request)
+                queue.remove(request)
                 self._release(request)
             changed.append(request)
         return changed

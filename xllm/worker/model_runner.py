@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -23,10 +24,21 @@ from xllm.kv.xtensor import XTensorPool, check_page_size, max_map_count
 from xllm.layers.forward_context import forward_context
 from xllm.layers.sampler import Sampler, gather_logprobs
 from xllm.models.arch_config import ArchConfig
-from xllm.ops.attention import AttentionMetadata, build_decode_mask, build_prefill
+from xllm.ops.attention import AttentionMetadata, build_prefill
 from xllm.scheduler.output import RunnerOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepInputs:
+    """A step's laid-out inputs (`ModelRunner.layout`)."""
+
+    input_ids: torch.Tensor  # [T] long; placeholder rows hold 0 until `_bind` fills them
+    positions: torch.Tensor  # [T] long
+    md: AttentionMetadata
+    sample_rows: list[int]  # rows whose logits are sampled
+    fill_rows: list[tuple[int, str]]  # (row, request id) of each placeholder token
 
 
 def kv_bytes_per_block(arch: ArchConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -62,10 +74,10 @@ class ModelRunner:
         self.kv_ranges = ranges
         self.bind_cache()
         self.sampler = Sampler(seed)
-        self.pages_mapped_in_step = 0  # xtensor: pages mapped while laying out a step's inputs
+        self.pages_mapped_in_step = 0  # xtensor: pages mapped while binding a step's inputs
         self.pages_mapped_ahead = 0  # ...and by `map_ahead`, off the critical path
         self.execute_s = 0.0  # time in `execute` (input layout + forward + sampling), summed
-        self.prepare_s = 0.0  # of which the input layout (`_prepare`)
+        self.prepare_s = 0.0  # of which the input layout and binding done in `execute` (`layout`, `_bind`)
         logger.info(
             "KV cache (%s): %d blocks of %d tokens (%.2f GiB)",
             cache.kv_layout,
@@ -109,10 +121,11 @@ class ModelRunner:
         return caches, [(rng[:, :, i, 0], rng[:, :, i, 1]) for i in range(layers)]
 
     def map_ahead(self, so: SchedulerOutput) -> None:
-        """xtensor: map the blocks the step's requests hold beyond what the step uses (the
-        scheduler's look-ahead block), so the step that first writes one finds it mapped. The
-        engine calls this from its helper thread while the step computes: the forward pass reads
-        only pages mapped before it, and nothing else maps or unmaps until the helper is joined."""
+        """xtensor: map every block the step's requests hold (the scheduler's look-ahead block
+        included) into the ranges they already have, so `_bind` finds them mapped. The engine
+        calls this from its helper thread for the step it has just scheduled, while the step
+        before computes: it only adds pages past those mapped, which that forward pass does not
+        read, and it creates and unmaps no range (that is `_bind`'s, on the engine thread)."""
         xt = self.xtensor
         if xt is None:
             return
@@ -129,84 +142,114 @@ class ModelRunner:
             for request_id in request_ids:
                 self.xtensor.release(request_id)
 
-    def _prepare(self, so: SchedulerOutput):
+    def layout(self, so: SchedulerOutput) -> StepInputs:
+        """The step's input tensors and attention metadata, built from the schedule alone (no
+        change to any state, so the engine builds them in its helper thread while the step
+        before computes). Placeholder tokens and xtensor ranges are left to `_bind`."""
         bs = self.block_size
         xt = self.xtensor
-        self.release(so.freed_ids)
-        slots_of: list[int] = []  # xtensor: the range of each decode row
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         prefills = []
         decode_rows, decode_tables, decode_lens = [], [], []
         sample_rows: list[int] = []
+        fill_rows: list[tuple[int, str]] = []
         for item in so.scheduled:
             row = len(input_ids)
             n = len(item.token_ids)
             input_ids.extend(item.token_ids)
+            if item.fill_last:
+                fill_rows.append((row + n - 1, item.request_id))
             pos = range(item.start_pos, item.start_pos + n)
             positions.extend(pos)
             slots.extend(item.block_ids[p // bs] * bs + p % bs for p in pos)
-            num_blocks = -(-(item.start_pos + n) // bs)
-            slot = None
-            if xt is not None:
-                self.pages_mapped_in_step += max(0, num_blocks - xt.num_mapped(item.request_id))
-                slot = xt.map_pages(item.request_id, item.block_ids[:num_blocks])
             if n == 1:
                 decode_rows.append(row)
                 decode_tables.append(item.block_ids)
                 decode_lens.append(item.start_pos + 1)
-                slots_of.append(slot)
             else:
+                num_blocks = -(-(item.start_pos + n) // bs)
                 block_ids = torch.tensor(item.block_ids[:num_blocks], dtype=torch.long)
-                prefills.append(build_prefill(row, n, item.start_pos, block_ids, slot))
+                prefills.append(build_prefill(row, n, item.start_pos, block_ids))
             if item.sample:
                 sample_rows.append(row + n - 1)
-        decode_mask = None
-        if xt is not None:  # ranges need no block table and no mask
-            table = torch.zeros(0, 1, dtype=torch.long)
-        elif decode_rows:
+        if xt is None and decode_rows:
             width = max(-(-length // bs) for length in decode_lens)
             table = torch.zeros(len(decode_rows), width, dtype=torch.long)
             for i, blocks in enumerate(decode_tables):
                 used = blocks[: -(-decode_lens[i] // bs)]
                 table[i, : len(used)] = torch.tensor(used, dtype=torch.long)
-            decode_mask = build_decode_mask(torch.tensor(decode_lens), width, bs, torch.float32)
-        else:
+        else:  # ranges need no block table
             table = torch.zeros(0, 1, dtype=torch.long)
         md = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long),
             prefills=prefills,
             decode_rows=torch.tensor(decode_rows, dtype=torch.long),
             decode_block_tables=table,
-            decode_mask=decode_mask,
+            decode_mask=None,  # built by the torch attention path if it runs
             block_size=bs,
             decode_seq_lens=torch.tensor(decode_lens, dtype=torch.long),
-            decode_slots=torch.tensor(slots_of, dtype=torch.long) if xt is not None else None,
         )
-        return torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long), md, sample_rows
+        return StepInputs(torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long), md,
+                          sample_rows, fill_rows)
 
-    def _forward(self, so: SchedulerOutput, before_forward: Callable[[], None] | None = None) -> tuple[torch.Tensor, list[int]]:
+    def _bind(self, so: SchedulerOutput, inputs: StepInputs, prev: RunnerOutput | None) -> None:
+        """Just before the forward pass, on the engine thread: drop the freed requests' ranges, map
+        the step's blocks into its requests' ranges (xtensor), and fill in the placeholder tokens
+        from the previous step's output `prev`."""
+        self.release(so.freed_ids)
+        xt = self.xtensor
+        if xt is not None:
+            bs = self.block_size
+            decode_slots = []
+            prefills = iter(inputs.md.prefills)
+            for item in so.scheduled:
+                num_blocks = -(-(item.start_pos + len(item.token_ids)) // bs)
+                self.pages_mapped_in_step += max(0, num_blocks - xt.num_mapped(item.request_id))
+                slot = xt.map_pages(item.request_id, item.block_ids[:num_blocks])
+                if len(item.token_ids) == 1:
+                    decode_slots.append(slot)
+                else:
+                    next(prefills).slot = slot
+            inputs.md.decode_slots = torch.tensor(decode_slots, dtype=torch.long)
+        if inputs.fill_rows:
+            if prev is None:
+                raise RuntimeError("a step with placeholder tokens needs the previous step's output")
+            rows, ids = zip(*inputs.fill_rows)
+            inputs.input_ids[list(rows)] = torch.tensor([prev.sampled_token_ids[i] for i in ids], dtype=torch.long)
+
+    def _forward(
+        self, so: SchedulerOutput, before_forward: Callable[[], None] | None = None, inputs: StepInputs | None = None,
+        prev: RunnerOutput | None = None,
+    ) -> tuple[torch.Tensor, list[int]]:
         started = time.perf_counter()
-        input_ids, positions, md, sample_rows = self._prepare(so)
+        if inputs is None:
+            inputs = self.layout(so)
+        self._bind(so, inputs, prev)
         self.prepare_s += time.perf_counter() - started
         if before_forward is not None:
             before_forward()
-        with forward_context(md):
-            hidden = self.model(input_ids, positions)
-        return hidden, sample_rows
+        with forward_context(inputs.md):
+            hidden = self.model(inputs.input_ids, inputs.positions)
+        return hidden, inputs.sample_rows
 
     @torch.inference_mode()
-    def execute(self, so: SchedulerOutput, before_forward: Callable[[], None] | None = None) -> RunnerOutput:
-        """Run the step; `before_forward` is called once the inputs are laid out, as the forward pass starts."""
+    def execute(
+        self, so: SchedulerOutput, before_forward: Callable[[], None] | None = None, inputs: StepInputs | None = None,
+        prev: RunnerOutput | None = None,
+    ) -> RunnerOutput:
+        """Run the step; `before_forward` is called once the inputs are laid out, as the forward pass
+        starts. `inputs` is the step's `layout` when built beforehand; `prev` the output of the
+        step before, whose tokens fill the placeholders."""
         started = time.perf_counter()
         try:
-            return self._execute(so, before_forward)
+            return self._execute(so, before_forward, inputs, prev)
         finally:
             self.execute_s += time.perf_counter() - started
 
-    def _execute(self, so: SchedulerOutput, before_forward: Callable[[], None] | None) -> RunnerOutput:
-        hidden, sample_rows = self._forward(so, before_forward)
+    def _execute(self, so: SchedulerOutput, before_forward, inputs, prev) -> RunnerOutput:
+        hidden, sample_rows = self._forward(so, before_forward, inputs, prev)
         out = RunnerOutput()
         sampling = [item for item in so.scheduled if item.sample]
         if sampling:
