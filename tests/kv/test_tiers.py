@@ -220,3 +220,34 @@ def test_promotion_skips_blocks_the_step_in_flight_writes():
     assert m2.find_cached_prefix("c", prompt) == [3]  # one block left to promote into
     m.check_invariants()
     m2.check_invariants()
+
+
+def test_a_preempted_request_resumes_from_the_host_tier():
+    """Preemption with a host tier: the victim's computed full blocks stay cached, go down to the
+    host tier when another request needs the room, and come back when it is readmitted; only
+    its last, partial block is recomputed."""
+    from xllm.config import SchedulerConfig
+    from xllm.sampling_params import SamplingParams
+    from xllm.scheduler.output import RunnerOutput
+    from xllm.scheduler.request import Request, RequestStatus
+    from xllm.scheduler.scheduler import Scheduler
+
+    kv = caches(num_blocks=5)
+    m = KVCacheManager(5, block_size=4, tiers=KVTiers(kv, host_blocks=16))
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8), m)
+    s.add(Request("a", list(range(1, 9)), SamplingParams(max_tokens=8), frozenset(), 8))  # grows to 4 of the 5 blocks
+    s.add(Request("b", list(range(100, 109)), SamplingParams(max_tokens=3), frozenset(), 3))
+    b = s.requests["b"]
+    computed_at_readmission = []
+    for _ in range(30):
+        if not s.has_unfinished():
+            break
+        out = s.schedule()
+        for item in out.scheduled:
+            if item.request_id == "b" and b.num_preemptions and not computed_at_readmission:
+                computed_at_readmission.append(item.start_pos)
+        s.update(out, RunnerOutput({i.request_id: 7 for i in out.scheduled if i.sample}))
+    assert b.num_preemptions == 1 and b.status is RequestStatus.FINISHED and len(b.output_token_ids) == 3
+    assert m.tiers.hits["host"] >= 1  # a evicted b's cached blocks: they were demoted, then promoted back
+    assert computed_at_readmission == [8]  # 2 full blocks back; the partial third recomputed
+    m.check_invariants()

@@ -17,9 +17,11 @@ Three batch policies share this one loop (`scheduling_policy`):
 Waiting requests are taken by priority (lower first), then arrival. A waiting request's priority
 improves by one every `priority_aging_steps` steps it waits, so a long stream of higher-priority
 work cannot starve it. When the KV cache runs out of blocks, the running request that ranks last
-(lowest priority, latest arrival) is preempted: its blocks are freed (with prefix caching they
-stay cached, so it usually finds them again) and it returns to the waiting queue, where its
-arrival time keeps its place; it is recomputed from there. A waiting request may also preempt
+(lowest priority, latest arrival) is preempted: its blocks are freed and it returns to the
+waiting queue, where its arrival time keeps its place. With prefix caching its computed full
+blocks stay cached; with a host (or disk) tier they are swapped down when another request takes
+the room, and promoted back when it is readmitted. Only what no tier kept (at least the last,
+partial block) is recomputed; without caching, all of it. A waiting request may also preempt
 running ones that rank below it when it cannot get blocks. A request past its deadline
 (`timeout`) is ended with finish reason "timeout" and its blocks freed.
 
