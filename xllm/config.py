@@ -116,7 +116,9 @@ class EngineConfig:
     compiled_kernels: bool = True  # use the built C++ CPU kernels (xllm/ops/cpu_kernels.py) when present
     # float32: keep oneDNN-blocked copies of the weights for decode batches of 33-128 rows (more memory)
     packed_weights: bool = True
-    # Detokenize and stream one step's tokens in a helper thread while the next step computes.
+    # Copy the weights onto transparent huge pages after loading (where THP is enabled or madvise).
+    huge_pages: bool = True
+    # Pipelining: schedule the next step and process the last one in a helper thread while a step computes.
     overlap: bool = True
 
     @classmethod

@@ -121,7 +121,7 @@ def test_paged_attention_bfloat16(seed, kernels):
 
 
 @pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("heads,kv_heads,d", [(9, 3, 64), (8, 8, 32), (16, 2, 12), (4, 1, 128)])
+@pytest.mark.parametrize("heads,kv_heads,d", [(9, 3, 64), (8, 8, 32), (16, 2, 12), (4, 1, 128), (14, 2, 64), (12, 2, 128)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_only_batches(seed, heads, kv_heads, d, dtype, kernels):
     """Decode-only steps (the kernel's fast path: no gather or scatter of rows), longer contexts,

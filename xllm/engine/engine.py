@@ -27,6 +27,7 @@ from xllm.config import EngineConfig
 from xllm.engine.detokenizer import IncrementalDetokenizer
 from xllm.kv.manager import KVCacheManager
 from xllm.kv.tiers import KVTiers
+from xllm.models.huge_pages import huge_page_kib, to_huge_pages
 from xllm.models.loader import load_model
 from xllm.ops import cpu_kernels
 from xllm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
@@ -86,6 +87,10 @@ class LLMEngine:
             extra = loaded.model.prepack_weights()
             if extra:
                 logger.info("prepacked float32 weights for 33-%d-row batches: %.0f MiB more", cpu_kernels.PACKED_MAX_ROWS, extra / 2**20)
+        self.weights_arena = to_huge_pages(loaded.model) if config.huge_pages else None
+        if self.weights_arena is not None:
+            logger.info("weights on transparent huge pages: %.0f MiB, %.0f MiB granted so far",
+                        self.weights_arena.nbytes / 2**20, huge_page_kib(self.weights_arena) / 1024)
         self.model_source = loaded.source
         self.arch = loaded.arch
         self.dtype = loaded.dtype

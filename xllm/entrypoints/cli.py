@@ -72,9 +72,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-packed-weights", dest="packed_weights", action="store_false",
                    help="float32: do not keep oneDNN-blocked copies of the weights for decode batches of 33-128 rows "
                    "(saves the weights' size in memory; those batches then run torch's matmul)")
+    g.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
+                   help="leave the weights where they were loaded, on ordinary 4 KiB pages, instead of copying them "
+                   "onto transparent huge pages (where the kernel allows them)")
     g.add_argument("--no-overlap", dest="overlap", action="store_false",
-                   help="run each step's output processing (detokenization, stop strings, streaming) before "
-                   "launching the next step, instead of while it computes")
+                   help="schedule each step, run it and process its outputs in turn, instead of scheduling the next "
+                   "step and processing the last one (detokenization, stop strings, streaming) while a step computes")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log verbosity on stderr (default info)")
 
 
@@ -101,6 +104,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         compiled_kernels=args.compiled_kernels,
         overlap=args.overlap,
         packed_weights=args.packed_weights,
+        huge_pages=args.huge_pages,
     )
 
 

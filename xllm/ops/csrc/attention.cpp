@@ -76,44 +76,134 @@ struct RangeRows {  // xtensor: each sequence its own range of pages, in order; 
   int64_t row(int64_t b, int64_t t) const { return slots[b] * slot_stride + (t / BS) * page_stride + (t % BS) * tok_stride; }
 };
 
+#ifdef XLLM_AVX2
+// s[g * L + j] = scale * <q_g, k_j> for four keys k_j = k + j * stride (j < 4) and GN queries q_g =
+// q + g * D: 4 * GN independent accumulators (the FMA latency is hidden), reduced four at a time.
+template <int GN, typename T>
+inline void scores4(const float* q, const T* k, int64_t stride, int64_t D, float scale, float* s, int64_t L) {
+  __m256 acc[GN][4];
+  for (int g = 0; g < GN; ++g)
+    for (int j = 0; j < 4; ++j) acc[g][j] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) {
+    __m256 kv[4];
+    for (int j = 0; j < 4; ++j) kv[j] = load8(k + j * stride + d);
+    for (int g = 0; g < GN; ++g) {
+      const __m256 qv = _mm256_loadu_ps(q + g * D + d);
+      for (int j = 0; j < 4; ++j) acc[g][j] = _mm256_fmadd_ps(qv, kv[j], acc[g][j]);
+    }
+  }
+  const __m128 sc = _mm_set1_ps(scale);
+  for (int g = 0; g < GN; ++g) {
+    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(acc[g][0], acc[g][1]), _mm256_hadd_ps(acc[g][2], acc[g][3]));
+    _mm_storeu_ps(s + g * L, _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)), sc));
+  }
+}
+
+// acc[g][c] += p[g * L + i] * v_i[8c : 8c + 8] over the n rows v_i = v + i * stride (32 floats each).
+template <int GN, typename T>
+inline void weighted_rows(const float* p, int64_t L, const T* v, int64_t stride, int64_t n, __m256 (&acc)[GN][4]) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T* vr = v + i * stride;
+    const __m256 v0 = load8(vr), v1 = load8(vr + 8), v2 = load8(vr + 16), v3 = load8(vr + 24);
+    for (int g = 0; g < GN; ++g) {
+      const __m256 pg = _mm256_set1_ps(p[g * L + i]);
+      acc[g][0] = _mm256_fmadd_ps(pg, v0, acc[g][0]);
+      acc[g][1] = _mm256_fmadd_ps(pg, v1, acc[g][1]);
+      acc[g][2] = _mm256_fmadd_ps(pg, v2, acc[g][2]);
+      acc[g][3] = _mm256_fmadd_ps(pg, v3, acc[g][3]);
+    }
+  }
+}
+#endif
+
+// Prefetch n rows of `bytes` each, `stride` elements apart (the next block of one head).
+template <typename T>
+inline void prefetch_rows(const T* p, int64_t n, int64_t stride, int64_t bytes) {
+  for (int64_t i = 0; i < n; ++i) prefetch_block(p + i * stride, bytes);
+}
+
+// One KV head of one sequence: the G query heads q [G, D] that share it attend its L tokens; out
+// [G, D]. The keys and values are walked block by block (a block's rows are tok_stride apart), the
+// next block prefetched; s is scratch of G * L floats. Vectorized for D a multiple of 32.
+template <typename T, typename Rows>
+void attend_head(const float* q, int64_t G, const T* kc, const T* vc, const Rows& rows, int64_t b, int64_t L,
+                 int64_t hoff, int64_t D, float scale, float* s, float* out) {
+  const int64_t BS = rows.BS, ts = rows.tok_stride, bytes = D * int64_t(sizeof(T));
+  [[maybe_unused]] const bool fast = D % 32 == 0;
+  for (int64_t t0 = 0; t0 < L; t0 += BS) {  // scores
+    const T* blk = kc + rows.row(b, t0) + hoff;
+    const int64_t n = std::min(BS, L - t0);
+    if (t0 + BS < L) prefetch_rows(kc + rows.row(b, t0 + BS) + hoff, std::min(BS, L - t0 - BS), ts, bytes);
+    int64_t i = 0;
+#ifdef XLLM_AVX2
+    if (fast)
+      for (; i + 4 <= n; i += 4)
+        for (int64_t g0 = 0; g0 < G; g0 += 3) {
+          float* sg = s + g0 * L + t0 + i;
+          switch (std::min<int64_t>(3, G - g0)) {
+            case 3: scores4<3>(q + g0 * D, blk + i * ts, ts, D, scale, sg, L); break;
+            case 2: scores4<2>(q + g0 * D, blk + i * ts, ts, D, scale, sg, L); break;
+            default: scores4<1>(q + g0 * D, blk + i * ts, ts, D, scale, sg, L); break;
+          }
+        }
+#endif
+    for (; i < n; ++i) dots(q, G, blk + i * ts, D, scale, s + t0 + i, L);
+  }
+  float inv_sum[512];
+  for (int64_t g = 0; g < G; ++g) inv_sum[g] = 1.f / exp_shift_sum(s + g * L, L);
+#ifdef XLLM_AVX2
+  if (fast) {
+    for (int64_t g0 = 0; g0 < G; g0 += 3) {
+      const int64_t gn = std::min<int64_t>(3, G - g0);
+      for (int64_t d0 = 0; d0 < D; d0 += 32) {
+        __m256 acc[3][4];
+        for (auto& a : acc)
+          for (auto& c : a) c = _mm256_setzero_ps();
+        for (int64_t t0 = 0; t0 < L; t0 += BS) {
+          const T* blk = vc + rows.row(b, t0) + hoff + d0;
+          const int64_t n = std::min(BS, L - t0);
+          if (d0 == 0 && g0 == 0 && t0 + BS < L) prefetch_rows(vc + rows.row(b, t0 + BS) + hoff, std::min(BS, L - t0 - BS), ts, bytes);
+          const float* p = s + g0 * L + t0;
+          if (gn == 3) {
+            weighted_rows<3>(p, L, blk, ts, n, acc);
+          } else if (gn == 2) {
+            weighted_rows<2>(p, L, blk, ts, n, reinterpret_cast<__m256(&)[2][4]>(acc));
+          } else {
+            weighted_rows<1>(p, L, blk, ts, n, reinterpret_cast<__m256(&)[1][4]>(acc));
+          }
+        }
+        for (int64_t g = 0; g < gn; ++g) {
+          const __m256 inv = _mm256_set1_ps(inv_sum[g0 + g]);
+          for (int c = 0; c < 4; ++c) _mm256_storeu_ps(out + (g0 + g) * D + d0 + 8 * c, _mm256_mul_ps(acc[g][c], inv));
+        }
+      }
+    }
+    return;
+  }
+#endif
+  std::fill(out, out + G * D, 0.f);
+  for (int64_t t0 = 0; t0 < L; t0 += BS) {
+    const T* blk = vc + rows.row(b, t0) + hoff;
+    for (int64_t i = 0; i < std::min(BS, L - t0); ++i) axpys(s + t0 + i, L, G, blk + i * ts, out, D);
+  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = 0; d < D; ++d) out[g * D + d] *= inv_sum[g];
+}
+
 template <typename T, typename Rows>
 void decode(const float* q, const T* kc, const T* vc, const Rows& rows_of, const int64_t* lens, int64_t B, int64_t H,
             int64_t Hkv, int64_t D, float scale, float* out) {
   const int64_t G = H / Hkv;
-  constexpr int64_t kAhead = 16;  // tokens between prefetches, and how far ahead they reach
-  // An item is (sequence, range of KV heads). With a sequence per item, each token's K/V row of all
-  // heads is read contiguously; with fewer sequences than threads, items split the heads so every
-  // thread has work.
+  // An item is (sequence, range of KV heads). With fewer sequences than threads, items split the
+  // heads so that every thread has work.
   const int64_t split = B >= at::get_num_threads() ? 1 : Hkv;
   const int64_t heads_per_item = Hkv / split;
-  auto prefetch = [&](const T* base, int64_t b, int64_t t, int64_t L, int64_t h0, int64_t span) {
-    if (t % kAhead || t + kAhead >= L) return;
-    if (span == Hkv * D * int64_t(sizeof(T)) && rows_of.BS % kAhead == 0) {  // the next rows are one run of memory
-      prefetch_block(base + rows_of.row(b, t + kAhead), kAhead * span);
-      return;
-    }
-    for (int64_t u = t + kAhead; u < std::min(L, t + 2 * kAhead); ++u) prefetch_block(base + rows_of.row(b, u) + h0 * D, span);
-  };
   auto item = [&](int64_t i, std::vector<float>& scores) {
-    const int64_t b = i / split, h0 = (i % split) * heads_per_item, nh = heads_per_item, L = lens[b];
-    const int64_t span = nh * D * int64_t(sizeof(T));
-    scores.resize(nh * G * L);  // [head, g, t]
-    for (int64_t t = 0; t < L; ++t) {
-      prefetch(kc, b, t, L, h0, span);
-      const T* kp = kc + rows_of.row(b, t) + h0 * D;
-      for (int64_t h = 0; h < nh; ++h) dots(q + (b * H + (h0 + h) * G) * D, G, kp + h * D, D, scale, scores.data() + h * G * L + t, L);
-    }
-    float* ob = out + (b * H + h0 * G) * D;
-    float inv_sum[512];
-    for (int64_t j = 0; j < nh * G; ++j) inv_sum[j] = 1.f / exp_shift_sum(scores.data() + j * L, L);
-    std::fill(ob, ob + nh * G * D, 0.f);
-    for (int64_t t = 0; t < L; ++t) {
-      prefetch(vc, b, t, L, h0, span);
-      const T* vp = vc + rows_of.row(b, t) + h0 * D;
-      for (int64_t h = 0; h < nh; ++h) axpys(scores.data() + h * G * L + t, L, G, vp + h * D, ob + h * G * D, D);
-    }
-    for (int64_t j = 0; j < nh * G; ++j)
-      for (int64_t d = 0; d < D; ++d) ob[j * D + d] *= inv_sum[j];
+    const int64_t b = i / split, h0 = (i % split) * heads_per_item, L = lens[b];
+    scores.resize(G * L);
+    for (int64_t h = h0; h < h0 + heads_per_item; ++h)
+      attend_head(q + (b * H + h * G) * D, G, kc, vc, rows_of, b, L, h * D, D, scale, scores.data(),
+                  out + (b * H + h * G) * D);
   };
   int64_t work = 0;
   for (int64_t b = 0; b < B; ++b) work += lens[b];
