@@ -62,6 +62,8 @@ def build_decode_mask(seq_lens: torch.Tensor, max_blocks: int, block_size: int, 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """k, v: [T, Hkv, D] -> their slots in the cache."""
+    if cpu_kernels.write_kv(kv_cache, k, v, slot_mapping):
+        return
     _, num_blocks, block_size, hkv, d = kv_cache.shape
     if kv_cache.is_contiguous():
         kv_cache[0].view(num_blocks * block_size, hkv, d).index_copy_(0, slot_mapping, k)

@@ -32,7 +32,7 @@ from xllm.sysinfo import cpuinfo_field
 logger = logging.getLogger(__name__)
 
 _CSRC = os.path.join(os.path.dirname(__file__), "csrc")
-_SOURCES = ("gemv.cpp", "attention.cpp", "norm.cpp", "rope.cpp", "activation.cpp", "bindings.cpp")
+_SOURCES = ("gemv.cpp", "attention.cpp", "norm.cpp", "rope.cpp", "activation.cpp", "kv_write.cpp", "bindings.cpp")
 _HEADERS = ("common.h", "ops.h")
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 GEMV_MAX_ROWS = 32  # up to here the kernel beats torch's GEMM; at 64 they tie (benchmarks/gemv.py)
@@ -200,6 +200,18 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     if _enabled and _module is not None and logits.dim() == 2 and logits.dtype == torch.float32 and logits.shape[1] > 0:
         return _module.argmax_rows(logits)
     return logits.argmax(dim=-1)
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
+    """New K/V rows into one layer's cache (paged, or the xtensor pool's view) in one call; False
+    when the torch path must run (kernels off, or rows whose values are not contiguous)."""
+    if not (_enabled and _module is not None and k.dtype == kv_cache.dtype and v.dtype == kv_cache.dtype):
+        return False
+    if (k.stride(-1) != 1 or v.stride(-1) != 1 or kv_cache.stride(-1) != 1 or kv_cache.stride(3) != kv_cache.shape[4]
+            or k.stride(1) != k.shape[2] or v.stride(1) != v.shape[2]):
+        return False
+    _module.write_kv(kv_cache, k, v, slot_mapping)
+    return True
 
 
 def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:

@@ -22,4 +22,6 @@ at::Tensor argmax_rows(const at::Tensor& x);
 
 void rope_(at::Tensor& q, at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin);
 
+void write_kv(at::Tensor& cache, const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots);
+
 }  // namespace xllm
