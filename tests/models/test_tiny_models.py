@@ -137,3 +137,24 @@ def test_greedy_generation_matches_transformers(tiny):
                 out = o
     ref = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert out.outputs[0].token_ids == ref[0, len(prompt) :].tolist()
+
+
+def test_fused_decode_layers_match_the_module_path(tiny, monkeypatch):
+    """Decode-only steps run each layer in one C++ call (Llama, Qwen2 with its q/k/v biases; not
+    Qwen3's per-head norms): the same kernels as the module path, so the same logits, bit for bit."""
+    from xllm.ops import cpu_kernels
+
+    name, _, engine = tiny
+    assert cpu_kernels.load() is not None
+    calls = []
+    fused_layer = cpu_kernels.decode_layer
+    monkeypatch.setattr(cpu_kernels, "decode_layer", lambda *a: calls.append(1) or fused_layer(*a))
+    g = torch.Generator().manual_seed(5)
+    reqs = {name: torch.randint(0, 320, (n,), generator=g).tolist() for name, n in [("a", 12), ("b", 30), ("c", 7)]}
+    plan = [{"a": 8, "b": 25, "c": 3}] + [{rid: 1 for rid in reqs}] * 4
+    fused = step_logits(engine, reqs, plan)
+    assert len(calls) == (0 if name == "qwen3" else 4 * 3)  # 4 decode steps x 3 layers; prefill steps never
+    monkeypatch.setattr(cpu_kernels, "decode_layer_ready", lambda x: False)
+    plain = step_logits(engine, reqs, plan)
+    for rid in reqs:
+        assert torch.equal(fused[rid], plain[rid])

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from xllm.layers.attention import Attention
+from xllm.layers.forward_context import get_attn_metadata
 from xllm.layers.linear import Embedding, Linear, MergedLinear
 from xllm.layers.norm import RMSNorm
 from xllm.layers.rotary import RotaryEmbedding
@@ -75,6 +76,10 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
+def _fusable_cache(cache: torch.Tensor | None) -> bool:
+    return cache is not None and cache.dtype == torch.float32 and cache.is_contiguous()
+
+
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ArchConfig, dtype: torch.dtype, qk_norm: bool):
         super().__init__()
@@ -87,10 +92,56 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
         rope = self.rotary.cos_sin(positions, x.dtype)
-        for layer in self.layers:
-            x, residual = layer(rope, x, residual)
+        fused = self._fused_decode(x, rope)
+        if fused is not None:
+            x, residual = fused
+        else:
+            for layer in self.layers:
+                x, residual = layer(rope, x, residual)
         x, _ = self.norm(x, residual)
         return x
+
+    def _fused_decode(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A decode-only step (one token per sequence, paged KV, float32, kernel-sized) runs each
+        layer in one C++ call (`cpu_kernels.decode_layer`): the same kernels as the module path,
+        without the Python between them. None when the step or the model does not qualify."""
+        if not cpu_kernels.decode_layer_ready(x):
+            return None
+        md = get_attn_metadata()
+        if md.prefills or md.decode_slots is not None or md.decode_rows.numel() != x.shape[0] or md.decode_seq_lens is None:
+            return None
+        layers = self._decode_layer_args()
+        if layers is None or not all(_fusable_cache(attn.kv_cache) for _, attn, _ in layers):
+            return None
+        cos, sin = rope
+        residual = None
+        for weights, attn, eps in layers:
+            x, residual = cpu_kernels.decode_layer(
+                x, residual, *weights, cos, sin, attn.kv_cache, md.decode_block_tables, md.decode_seq_lens,
+                md.slot_mapping, attn.num_heads, attn.num_kv_heads, eps, attn.scale,
+            )
+        return x, residual
+
+    def _decode_layer_args(self):
+        """Per layer: (its weights in `decode_layer`'s order, its attention module, its norms' eps);
+        None when a layer does not qualify (per-head q/k norms, weights not float32 and contiguous).
+        Built once: the tuples hold the parameters themselves, so moving their data (huge pages) is
+        followed."""
+        if not hasattr(self, "_decode_args"):
+            args = []
+            for layer in self.layers:
+                a, mlp = layer.self_attn, layer.mlp
+                weights = (layer.input_layernorm.weight, a.qkv_proj.weight, a.qkv_proj.bias, a.o_proj.weight,
+                           layer.post_attention_layernorm.weight, mlp.gate_up_proj.weight, mlp.down_proj.weight)
+                ok = a.q_norm is None and all(
+                    w is None or (w.dtype == torch.float32 and w.is_contiguous()) for w in weights
+                ) and layer.input_layernorm.eps == layer.post_attention_layernorm.eps
+                if not ok:
+                    args = None
+                    break
+                args.append((weights, a.attn, layer.input_layernorm.eps))
+            self._decode_args = args
+        return self._decode_args
 
 
 class LlamaForCausalLM(nn.Module):

@@ -32,7 +32,7 @@ from xllm.sysinfo import cpuinfo_field
 logger = logging.getLogger(__name__)
 
 _CSRC = os.path.join(os.path.dirname(__file__), "csrc")
-_SOURCES = ("gemv.cpp", "attention.cpp", "norm.cpp", "rope.cpp", "activation.cpp", "kv_write.cpp", "bindings.cpp")
+_SOURCES = ("gemv.cpp", "attention.cpp", "norm.cpp", "rope.cpp", "activation.cpp", "kv_write.cpp", "decode_layer.cpp", "bindings.cpp")
 _HEADERS = ("common.h", "ops.h")
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 GEMV_MAX_ROWS = 32  # up to here the kernel beats torch's GEMM; at 64 they tie (benchmarks/gemv.py)
@@ -212,6 +212,20 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
         return False
     _module.write_kv(kv_cache, k, v, slot_mapping)
     return True
+
+
+def decode_layer_ready(x: torch.Tensor) -> bool:
+    """Whether `decode_layer` can run a decode batch of these hidden states (float32, kernel-sized)."""
+    return (
+        _enabled and _module is not None and hasattr(_module, "decode_layer") and x.dtype == torch.float32
+        and x.dim() == 2 and 0 < x.shape[0] <= GEMV_MAX_ROWS
+    )
+
+
+def decode_layer(x: torch.Tensor, residual: torch.Tensor | None, *args) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoder layer of a decode-only batch in one C++ call (csrc/decode_layer.cpp); the caller
+    checks `decode_layer_ready` and that the layer's weights and cache qualify."""
+    return _module.decode_layer(x, residual, *args)
 
 
 def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:

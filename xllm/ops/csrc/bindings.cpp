@@ -22,5 +22,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &xllm::silu_mul, "silu(x[:, :I]) * x[:, I:] for x [M, 2I] float32");
   m.def("argmax_rows", &xllm::argmax_rows, "first index of each row's maximum, x [M, V] float32 -> [M] int64");
   m.def("write_kv", &xllm::write_kv, "new K/V rows [T,Hkv,D] into a layer's cache [2,NB,BS,Hkv,D] at slots [T]");
+  m.def("decode_layer", &xllm::decode_layer,
+        "one Llama decoder layer for a decode-only batch, the kernels chained: (out, residual)");
   m.def("has_avx2", &has_avx2);
 }

@@ -1,0 +1,44 @@
+// One Llama-family decoder layer for a batch of decodes (one new token per sequence, M rows), in
+// one call: the Python glue between the kernels cost ~100 us a layer at batch 1, about an eighth
+// of the step. It chains the same kernels the module path calls one by one (RMSNorm with the
+// residual add, the skinny matmul, rotary embedding, the K/V write, paged decode attention,
+// silu * up), so its results are those of that path, which stays the reference (xllm/models/llama.py).
+//
+// x [M, hidden] float32; residual [M, hidden] or none (first layer); the weights as the modules
+// hold them ([N, K] float32, contiguous); cos/sin [M, 1, D] for the step's positions; kv_cache
+// [2, num_blocks, block_size, Hkv, D] (paged, contiguous), block_tables [M, max_blocks], seq_lens
+// [M] (the new token included), slots [M] (where the new K/V rows go). Returns (out, residual).
+#include "common.h"
+#include "ops.h"
+
+namespace xllm {
+
+std::tuple<at::Tensor, at::Tensor> decode_layer(
+    const at::Tensor& x, const c10::optional<at::Tensor>& residual, const at::Tensor& ln1, const at::Tensor& qkv_w,
+    const c10::optional<at::Tensor>& qkv_b, const at::Tensor& o_w, const at::Tensor& ln2, const at::Tensor& gate_up_w,
+    const at::Tensor& down_w, const at::Tensor& cos, const at::Tensor& sin, at::Tensor kv_cache,
+    const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& slots, int64_t num_heads,
+    int64_t num_kv_heads, double eps, double scale) {
+  const int64_t M = x.size(0), H = num_heads, Hkv = num_kv_heads;
+  const int64_t D = qkv_w.size(0) / (H + 2 * Hkv);
+  TORCH_CHECK(x.dim() == 2 && qkv_w.size(0) == (H + 2 * Hkv) * D && o_w.size(1) == H * D, "decode_layer: shapes");
+  at::Tensor h, res;
+  if (residual.has_value() && residual->defined()) {
+    std::tie(h, res) = rms_norm(x, residual, ln1, eps);
+  } else {
+    res = x;
+    h = std::get<0>(rms_norm(x, c10::nullopt, ln1, eps));
+  }
+  const at::Tensor qkv = gemv(h, qkv_w, qkv_b);  // [M, (H + 2 Hkv) D]
+  at::Tensor q = qkv.narrow(1, 0, H * D).view({M, H, D});
+  at::Tensor k = qkv.narrow(1, H * D, Hkv * D).view({M, Hkv, D});
+  const at::Tensor v = qkv.narrow(1, (H + Hkv) * D, Hkv * D).view({M, Hkv, D});
+  rope_(q, k, cos, sin);
+  write_kv(kv_cache, k, v, slots);
+  const at::Tensor attn = paged_decode_attention(q, kv_cache, block_tables, seq_lens, scale);
+  const at::Tensor o = gemv(attn.view({M, H * D}), o_w, c10::nullopt);
+  std::tie(h, res) = rms_norm(o, res, ln2, eps);
+  return {gemv(silu_mul(gemv(h, gate_up_w, c10::nullopt)), down_w, c10::nullopt), res};
+}
+
+}  // namespace xllm
