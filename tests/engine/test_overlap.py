@@ -105,6 +105,27 @@ def test_stream_sink_gets_each_step_while_the_next_computes(engines):
     assert all(name.startswith("xllm-outputs") for name, _ in got)
 
 
+def test_a_request_added_between_steps_runs_in_the_next_one(engines):
+    """The next step was scheduled while the last one computed; a request added in between joins
+    it, as in the serial loop, rather than waiting one more step."""
+    engine = engines[True].engine
+    engine.add_request("Tell me a story.", SamplingParams(max_tokens=8, ignore_eos=True), "first")
+    for _ in range(3):
+        engine.step()
+    engine.add_request("What is 2+2?", SamplingParams(max_tokens=4, ignore_eos=True), "joined")
+    ran = []
+    execute = engine.runner.execute
+    engine.runner.execute = lambda so, *args: ran.append([i.request_id for i in so.scheduled]) or execute(so, *args)
+    try:
+        engine.step()
+    finally:
+        del engine.runner.execute
+    assert ran == [["first", "joined"]]
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.kv.check_invariants()
+
+
 def test_abort_between_overlapped_steps(engines):
     engine = engines[True].engine
     engine.add_request("Tell me a long story.", SamplingParams(max_tokens=200, ignore_eos=True), "long")

@@ -84,3 +84,27 @@ def test_prefix_cache_files_what_the_recorded_step_computed():
     assert s.kv.num_cached_blocks("a") == 1  # not the block s2 is still computing
     s.update(s2, tokens(s2, 5))
     assert s.kv.num_cached_blocks("a") == 2
+
+
+def test_a_request_arriving_after_the_step_ahead_joins_it():
+    s = make_scheduler(budget=16)
+    s.add(make_request("a", 10))
+    s1 = s.schedule()
+    s2 = s.schedule()  # a's decode, scheduled while s1 computes
+    s.add(make_request("b", 20, first=50))  # arrives between the steps
+    assert s.admit_more(s2)
+    assert [(i.request_id, len(i.token_ids)) for i in s2.scheduled] == [("a", 1), ("b", 15)]  # the budget left
+    s.update(s1, tokens(s1, 5))
+    s.update(s2, tokens(s2, 6))
+    assert s.requests["b"].num_computed_tokens == 15 and s.requests["a"].output_token_ids == [5, 6]
+    assert not s.admit_more(s2)  # nothing left waiting
+
+
+def test_no_late_admission_under_prefill_first():
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8, scheduling_policy="prefill-first"),
+                  KVCacheManager(100, 4))
+    s.add(make_request("a", 10))
+    s.schedule()
+    s2 = s.schedule()
+    s.add(make_request("b", 5, first=50))
+    assert not s.admit_more(s2) and [i.request_id for i in s2.scheduled] == ["a"]

@@ -119,6 +119,7 @@ class LLMEngine:
         self._pending: tuple[SchedulerOutput, list[Request], RunnerOutput] | None = None  # recorded, not yet processed
         self._ahead: tuple[SchedulerOutput, StepInputs | None] | None = None  # scheduled during the last forward pass
         self._prev_result: RunnerOutput | None = None  # its tokens fill the next step's placeholders
+        self._arrived = False  # requests were added since the step ahead was scheduled
         self.output_sink: Callable[[list[RequestOutput]], None] | None = None
         self.timing = StepTiming()
         self._groups: dict[str, _Group] = {}
@@ -220,6 +221,7 @@ class LLMEngine:
         self._groups[request_id] = group
         for sample in group.samples:
             self.scheduler.add(sample.request)
+        self._arrived = True
         return request_id
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -290,12 +292,17 @@ class LLMEngine:
         return scheduled, inputs
 
     def _next_step(self) -> tuple[SchedulerOutput, StepInputs | None]:
-        """The step to run now: the one scheduled during the last forward pass, less the items whose
-        request ended since (a stop, an abort, a timeout), or, when that leaves nothing, a step
-        scheduled now. The ranges of every request freed so far are released before it runs."""
+        """The step to run now: the one scheduled during the last forward pass, joined by requests
+        that arrived since (within the budget it left), less the items whose request ended since
+        (a stop, an abort, a timeout, a preemption by a joining request), or, when that leaves
+        nothing, a step scheduled now. The ranges of every request freed so far are released
+        before it runs."""
         ahead, self._ahead = self._ahead, None
+        arrived, self._arrived = self._arrived, False
         if ahead is not None:
             scheduled, inputs = ahead
+            if arrived and self.scheduler.admit_more(scheduled):
+                inputs = None  # requests that arrived since it was scheduled joined it: laid out again
             live = [item for item in scheduled.scheduled if self._live(item)]
             if len(live) < len(scheduled.scheduled):
                 scheduled.scheduled, inputs = live, None  # laid out again, without them

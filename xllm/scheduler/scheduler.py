@@ -143,6 +143,13 @@ class Scheduler:
         chosen = self._fill(out, prefill_step)
         if prefill_step and not chosen:  # nothing could start after all: decode instead
             chosen = self._fill(out, False)
+        self._emit(out, chosen)
+        out.freed_ids = self.kv.take_freed()
+        return out
+
+    def _emit(self, out: SchedulerOutput, chosen: list[tuple[Request, int]]) -> None:
+        """Append the chosen (request, token count) pairs to the step, advancing their computed
+        counts and leaving a placeholder for each token the step will sample."""
         for request, num_new in chosen:
             start = request.num_computed_tokens
             end = start + num_new
@@ -168,8 +175,6 @@ class Scheduler:
             )
             request.num_computed_tokens = end
             request.num_placeholders += sample
-        out.freed_ids = self.kv.take_freed()
-        return out
 
     def _fill(self, out: SchedulerOutput, prefill_step: bool) -> list[tuple[Request, int]]:
         budget = self.config.max_num_batched_tokens
@@ -191,18 +196,39 @@ class Scheduler:
             # else `request` was preempted or ended; running[i] is now the next one.
 
         # 2. Waiting requests by rank, while budget, sequence slots and blocks last.
-        # After a preemption nothing new is admitted this step (memory is short).
         if self._admitting(self.config.scheduling_policy):
-            for request in self._queue():
-                if budget <= 0 or out.preempted_ids or len(self.running) >= self.config.max_num_seqs:
-                    break
-                num_new = self._admit(request, budget, whole=prefill_step, out=out)
-                if num_new is None:
-                    break
-                chosen.append((request, num_new))
-                budget -= num_new
+            chosen += self._admit_waiting(out, budget, whole=prefill_step)
         # A request preempted by a higher-priority admission gives up its place in this step.
         return [(r, n) for r, n in chosen if r.status is RequestStatus.RUNNING]
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int, whole: bool) -> list[tuple[Request, int]]:
+        """Waiting requests by rank, while `budget` tokens, sequence slots and blocks last. After a
+        preemption nothing new is admitted this step (memory is short)."""
+        chosen: list[tuple[Request, int]] = []
+        for request in self._queue():
+            if budget <= 0 or out.preempted_ids or len(self.running) >= self.config.max_num_seqs:
+                break
+            num_new = self._admit(request, budget, whole=whole, out=out)
+            if num_new is None:
+                break
+            chosen.append((request, num_new))
+            budget -= num_new
+        return chosen
+
+    def admit_more(self, out: SchedulerOutput) -> bool:
+        """Admit waiting requests into a step scheduled earlier, within the token budget and
+        sequence slots it left. The engine calls it, between steps, for requests that arrived
+        after it scheduled that step ahead, so that pipelining does not cost them a step of TTFT.
+        Not under prefill-first, whose steps are all prompts or all decodes, nor after a
+        preemption (memory is short). A running request preempted for a higher-priority one here
+        leaves its item in `out` void (the engine drops it). True if anything joined."""
+        policy = self.config.scheduling_policy
+        if policy == "prefill-first" or out.preempted_ids or not self._admitting(policy):
+            return False
+        chosen = self._admit_waiting(out, self.config.max_num_batched_tokens - out.num_batched_tokens, whole=False)
+        chosen = [(r, n) for r, n in chosen if r.status is RequestStatus.RUNNING]
+        self._emit(out, chosen)
+        return bool(chosen)
 
     def _admitting(self, policy: str) -> bool:
         """Whether waiting requests may join this step."""
