@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from xllm.config import dtype_name
+from xllm.models.huge_pages import thp_mode
 from xllm.sysinfo import cpu_model, cpuinfo_field
 
 
@@ -28,16 +29,6 @@ def cpu_flags() -> list[str]:
     """Which of FLAGS_OF_INTEREST the CPU reports in /proc/cpuinfo (empty where unknown)."""
     flags = (cpuinfo_field("flags") or "").split()
     return [flag for flag in FLAGS_OF_INTEREST if flag in flags]
-
-
-def thp_mode() -> str | None:
-    """The kernel's transparent-huge-page mode ("always", "madvise", "never"), or None if unknown."""
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            text = f.read()
-    except OSError:
-        return None
-    return text[text.index("[") + 1 : text.index("]")] if "[" in text else text.strip()
 
 
 def machine_info(threads: int) -> dict:
