@@ -98,12 +98,32 @@ def test_prepacked_weights_only_serve_middle_batches(monkeypatch):
     calls = []
     real = torch.ops.mkldnn._linear_pointwise
     monkeypatch.setattr(cpu_kernels, "torch", types.SimpleNamespace(
-        float32=torch.float32, ops=types.SimpleNamespace(mkldnn=types.SimpleNamespace(
+        float32=torch.float32, bfloat16=torch.bfloat16, ops=types.SimpleNamespace(mkldnn=types.SimpleNamespace(
             _linear_pointwise=lambda x, *a: calls.append(x.shape[0]) or real(x, *a)))))
     for m in (1, 40, cpu_kernels.PACKED_MAX_ROWS, cpu_kernels.PACKED_MAX_ROWS + 1):
         cpu_kernels.linear(torch.randn(m, 8), w, None, packed)
     assert calls == [1, 40, cpu_kernels.PACKED_MAX_ROWS]
-    assert cpu_kernels.prepack(w.bfloat16()) is None  # float32 only
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_bfloat16_weights_get_a_widened_copy_without_native_bfloat16(bias, monkeypatch):
+    """Without AVX-512 BF16 or AMX, torch's bfloat16 matmul is ~8x slower than float32: a bfloat16
+    weight is packed widened, and every batch past the skinny kernel multiplies in float32 with
+    the same weight values (so the result is F.linear's on the widened weights)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 576, generator=g).bfloat16()
+    b = torch.randn(96, generator=g).bfloat16() if bias else None
+    monkeypatch.setattr(cpu_kernels, "native_bf16", lambda: True)
+    assert cpu_kernels.prepack(w) is None  # native bfloat16: torch's own matmul
+    monkeypatch.setattr(cpu_kernels, "native_bf16", lambda: False)
+    packed = cpu_kernels.prepack(w)
+    assert packed is not None and packed.dtype == torch.float32
+    for m in (40, 512):
+        x = torch.randn(m, 576, generator=g).bfloat16()
+        got = cpu_kernels.linear(x, w, b, packed)
+        want = F.linear(x.float(), w.float(), b.float() if bias else None).bfloat16()
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=1e-2)
 
 
 def test_load_without_a_build_falls_back(monkeypatch, tmp_path):

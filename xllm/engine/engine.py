@@ -86,7 +86,7 @@ class LLMEngine:
         if config.packed_weights and hasattr(loaded.model, "prepack_weights"):
             extra = loaded.model.prepack_weights()
             if extra:
-                logger.info("prepacked float32 weights for 33-%d-row batches: %.0f MiB more", cpu_kernels.PACKED_MAX_ROWS, extra / 2**20)
+                logger.info("prepacked float32 weight copies for batches past the skinny kernel: %.0f MiB more", extra / 2**20)
         self.weights_arena = to_huge_pages(loaded.model) if config.huge_pages else None
         if self.weights_arena is not None:
             logger.info("weights on transparent huge pages: %.0f MiB, %.0f MiB granted so far",

@@ -70,8 +70,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="run every matmul through torch, not the C++ kernels built by `xllm build-kernels`",
     )
     g.add_argument("--no-packed-weights", dest="packed_weights", action="store_false",
-                   help="float32: do not keep oneDNN-blocked copies of the weights for decode batches of 33-128 rows "
-                   "(saves the weights' size in memory; those batches then run torch's matmul)")
+                   help="do not keep oneDNN-blocked float32 copies of the weights (float32 models: for decode batches of "
+                   "33-128 rows; bfloat16 models on CPUs without native bfloat16: for every batch past 32 rows); saves "
+                   "memory, and those batches then run torch's matmul")
     g.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
                    help="leave the weights where they were loaded, on ordinary 4 KiB pages, instead of copying them "
                    "onto transparent huge pages (where the kernel allows them)")

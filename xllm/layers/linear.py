@@ -21,7 +21,7 @@ class Linear(nn.Module):
         self.packed: torch.Tensor | None = None  # oneDNN's blocked copy of the weight (`prepack`)
 
     def prepack(self) -> None:
-        """Keep a oneDNN-blocked copy of the (loaded) weight for middle-sized batches (float32 only)."""
+        """Keep a oneDNN-blocked float32 copy of the (loaded) weight where `cpu_kernels.prepack` gives one."""
         self.packed = cpu_kernels.prepack(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -176,8 +176,9 @@ class LlamaForCausalLM(nn.Module):
         return cpu_kernels.linear(hidden, weight, None, self.lm_head_packed).float()
 
     def prepack_weights(self) -> int:
-        """Blocked copies of the float32 projection and LM-head weights for decode batches of
-        33-128 rows (`cpu_kernels.prepack`); returns the bytes they take (0 when not float32)."""
+        """oneDNN-blocked float32 copies of the projection and LM-head weights (`cpu_kernels.prepack`:
+        float32 weights for 33-128-row batches, bfloat16 ones widened for every batch past the
+        skinny kernel where the CPU has no native bfloat16); returns the bytes they take."""
         linears = [m for m in self.modules() if isinstance(m, Linear)]
         for m in linears:
             m.prepack()
