@@ -44,7 +44,6 @@ class HugePageArena:
     mapping: mmap.mmap
     address: int  # first byte of the 2 MiB-aligned area
     nbytes: int  # bytes of tensors placed
-    num_tensors: int
 
 
 def _model_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -76,9 +75,7 @@ def to_huge_pages(model: torch.nn.Module, min_bytes: int = 4096) -> HugePageAren
     for t in tensors:
         by_storage.setdefault(t.untyped_storage().data_ptr(), []).append(t)
     groups = [g for g in by_storage.values() if all(t.storage_offset() == 0 and t.data_ptr() == g[0].data_ptr() for t in g)]
-    total = 0
-    for g in groups:
-        total += -(-g[0].untyped_storage().nbytes() // _ALIGN) * _ALIGN
+    total = sum(-(-g[0].untyped_storage().nbytes() // _ALIGN) * _ALIGN for g in groups)
     if not total:
         return None
     mapping = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -94,7 +91,7 @@ def to_huge_pages(model: torch.nn.Module, min_bytes: int = 4096) -> HugePageAren
             for t in g:
                 t.data = area.view(t.dtype)[: t.numel()].view(t.shape)
             offset += -(-nbytes // _ALIGN) * _ALIGN
-    return HugePageArena(mapping, raw.data_ptr() + start, total, sum(len(g) for g in groups))
+    return HugePageArena(mapping, raw.data_ptr() + start, total)
 
 
 def _as_bytes(t: torch.Tensor, nbytes: int) -> torch.Tensor:
