@@ -158,3 +158,37 @@ def test_fused_decode_layers_match_the_module_path(tiny, monkeypatch):
     plain = step_logits(engine, reqs, plan)
     for rid in reqs:
         assert torch.equal(fused[rid], plain[rid])
+
+
+def test_bfloat16_fused_decode_keeps_float32_activations(tiny, monkeypatch):
+    """A bfloat16 model's decode steps run the one-call layers with float32 activations over its
+    bfloat16 weights and cache. Against transformers in float32 on the same bfloat16-rounded weights,
+    its decode logits are closer than those of the module path, which rounds every activation."""
+    from xllm.ops import cpu_kernels
+
+    name, model, engine = tiny
+    bf16 = LLMEngine(EngineConfig.create(model=engine.config.model.model, dtype="bfloat16", num_blocks=128, block_size=4))
+    ref_model = type(model)(model.config).eval()
+    ref_model.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in model.state_dict().items()})
+    calls = []
+    fused_layer = cpu_kernels.decode_layer
+    monkeypatch.setattr(cpu_kernels, "decode_layer", lambda *a: calls.append(1) or fused_layer(*a))
+    g = torch.Generator().manual_seed(6)
+    reqs = {rid: torch.randint(0, 320, (n,), generator=g).tolist() for rid, n in [("a", 14), ("b", 26), ("c", 9)]}
+    prompt = {"a": 8, "b": 20, "c": 3}
+    plan = [prompt] + [{rid: 1 for rid in reqs}] * 6
+    fused = step_logits(bf16, reqs, plan)
+    assert len(calls) == (0 if name == "qwen3" else 6 * 3)
+    monkeypatch.setattr(cpu_kernels, "decode_layer_ready", lambda x: False)
+    plain = step_logits(bf16, reqs, plan)
+    fused_err = plain_err = 0.0
+    for rid, tokens in reqs.items():
+        ref = hf_logits(ref_model, tokens[: prompt[rid] + 6])[prompt[rid] - 1 :]  # the decode steps' logits
+        got, mod = fused[rid][prompt[rid] - 1 :].float(), plain[rid][prompt[rid] - 1 :].float()
+        assert got.dtype == torch.float32 and (got - ref).abs().max() < 0.1  # logits of size ~1-3
+        fused_err += (got - ref).abs().mean().item()
+        plain_err += (mod - ref).abs().mean().item()
+    if name == "qwen3":  # per-head norms: no fused path, both runs are the module path
+        assert fused_err == plain_err
+    else:
+        assert fused_err < plain_err

@@ -76,8 +76,11 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
+_FUSED_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def _fusable_cache(cache: torch.Tensor | None) -> bool:
-    return cache is not None and cache.dtype == torch.float32 and cache.is_contiguous()
+    return cache is not None and cache.dtype in _FUSED_DTYPES and cache.is_contiguous()
 
 
 class LlamaModel(nn.Module):
@@ -102,9 +105,11 @@ class LlamaModel(nn.Module):
         return x
 
     def _fused_decode(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """A decode-only step (one token per sequence, paged KV, float32, kernel-sized) runs each
-        layer in one C++ call (`cpu_kernels.decode_layer`): the same kernels as the module path,
-        without the Python between them. None when the step or the model does not qualify."""
+        """A decode-only step (one token per sequence, paged KV, float32 or bfloat16, kernel-sized)
+        runs each layer in one C++ call (`cpu_kernels.decode_layer`): the same kernels as the module
+        path, without the Python between them. None when the step or the model does not qualify.
+        A bfloat16 model's activations stay in float32 through the layers (its weights and cache
+        stay bfloat16) and are rounded back to bfloat16 after the last one."""
         if not cpu_kernels.decode_layer_ready(x):
             return None
         md = get_attn_metadata()
@@ -114,27 +119,29 @@ class LlamaModel(nn.Module):
         if layers is None or not all(_fusable_cache(attn.kv_cache) for _, attn, _ in layers):
             return None
         cos, sin = rope
-        residual = None
+        dtype, residual = x.dtype, None
+        x = x.float()
         for weights, attn, eps in layers:
             x, residual = cpu_kernels.decode_layer(
                 x, residual, *weights, cos, sin, attn.kv_cache, md.decode_block_tables, md.decode_seq_lens,
                 md.slot_mapping, attn.num_heads, attn.num_kv_heads, eps, attn.scale,
             )
-        return x, residual
+        return x.to(dtype), residual.to(dtype)
 
     def _decode_layer_args(self):
         """Per layer: (its weights in `decode_layer`'s order, its attention module, its norms' eps);
-        None when a layer does not qualify (per-head q/k norms, weights not float32 and contiguous).
-        Built once: the tuples hold the parameters themselves, so moving their data (huge pages) is
-        followed."""
+        None when a layer does not qualify (per-head q/k norms, weights not float32 or bfloat16 and
+        contiguous). Built once: the tuples hold the matmul weights themselves, so moving their data
+        (huge pages) is followed; the norm weights, a few KiB, as float32 copies."""
         if not hasattr(self, "_decode_args"):
             args = []
             for layer in self.layers:
                 a, mlp = layer.self_attn, layer.mlp
-                weights = (layer.input_layernorm.weight, a.qkv_proj.weight, a.qkv_proj.bias, a.o_proj.weight,
-                           layer.post_attention_layernorm.weight, mlp.gate_up_proj.weight, mlp.down_proj.weight)
+                ln1, ln2 = (n.weight.detach().float() for n in (layer.input_layernorm, layer.post_attention_layernorm))
+                weights = (ln1, a.qkv_proj.weight, a.qkv_proj.bias, a.o_proj.weight, ln2, mlp.gate_up_proj.weight,
+                           mlp.down_proj.weight)
                 ok = a.q_norm is None and all(
-                    w is None or (w.dtype == torch.float32 and w.is_contiguous()) for w in weights
+                    w is None or (w.dtype in _FUSED_DTYPES and w.is_contiguous()) for w in weights
                 ) and layer.input_layernorm.eps == layer.post_attention_layernorm.eps
                 if not ok:
                     args = None

@@ -234,9 +234,11 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
 
 
 def decode_layer_ready(x: torch.Tensor) -> bool:
-    """Whether `decode_layer` can run a decode batch of these hidden states (float32, kernel-sized)."""
+    """Whether `decode_layer` can run a decode batch of these hidden states (float32 or bfloat16,
+    kernel-sized; bfloat16 states run through it in float32)."""
     return (
-        _enabled and _module is not None and hasattr(_module, "decode_layer") and x.dtype == torch.float32
+        _enabled and _module is not None and hasattr(_module, "decode_layer")
+        and x.dtype in (torch.float32, torch.bfloat16)
         and x.dim() == 2 and 0 < x.shape[0] <= GEMV_MAX_ROWS
     )
 

@@ -4,10 +4,15 @@
 // residual add, the skinny matmul, rotary embedding, the K/V write, paged decode attention,
 // silu * up), so its results are those of that path, which stays the reference (xllm/models/llama.py).
 //
-// x [M, hidden] float32; residual [M, hidden] or none (first layer); the weights as the modules
-// hold them ([N, K] float32, contiguous); cos/sin [M, 1, D] for the step's positions; kv_cache
-// [2, num_blocks, block_size, Hkv, D] (paged, contiguous), block_tables [M, max_blocks], seq_lens
-// [M] (the new token included), slots [M] (where the new K/V rows go). Returns (out, residual).
+// x [M, hidden] float32; residual [M, hidden] float32 or none (first layer); the norm weights in
+// float32; the matmul weights as the modules hold them ([N, K] float32 or bfloat16, contiguous);
+// cos/sin [M, 1, D] for the step's positions; kv_cache [2, num_blocks, block_size, Hkv, D]
+// (paged, contiguous, float32 or bfloat16), block_tables [M, max_blocks], seq_lens [M] (the new
+// token included), slots [M] (where the new K/V rows go). Returns (out, residual), float32.
+//
+// A bfloat16 model runs here with float32 activations over its bfloat16 weights and cache, as
+// llama.cpp runs BF16 weights: only the K/V rows are rounded, when they are written. The module
+// path rounds every activation to bfloat16, so the two agree to bfloat16 rounding, not bit for bit.
 #include "common.h"
 #include "ops.h"
 
@@ -22,6 +27,7 @@ std::tuple<at::Tensor, at::Tensor> decode_layer(
   const int64_t M = x.size(0), H = num_heads, Hkv = num_kv_heads;
   const int64_t D = qkv_w.size(0) / (H + 2 * Hkv);
   TORCH_CHECK(x.dim() == 2 && qkv_w.size(0) == (H + 2 * Hkv) * D && o_w.size(1) == H * D, "decode_layer: shapes");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "decode_layer: float32 activations");
   at::Tensor h, res;
   if (residual.has_value() && residual->defined()) {
     std::tie(h, res) = rms_norm(x, residual, ln1, eps);
@@ -34,7 +40,10 @@ std::tuple<at::Tensor, at::Tensor> decode_layer(
   at::Tensor k = qkv.narrow(1, H * D, Hkv * D).view({M, Hkv, D});
   const at::Tensor v = qkv.narrow(1, (H + Hkv) * D, Hkv * D).view({M, Hkv, D});
   rope_(q, k, cos, sin);
-  write_kv(kv_cache, k, v, slots);
+  if (kv_cache.scalar_type() == at::kFloat)
+    write_kv(kv_cache, k, v, slots);
+  else
+    write_kv(kv_cache, k.to(kv_cache.scalar_type()), v.to(kv_cache.scalar_type()), slots);
   const at::Tensor attn = paged_decode_attention(q, kv_cache, block_tables, seq_lens, scale);
   const at::Tensor o = gemv(attn.view({M, H * D}), o_w, c10::nullopt);
   std::tie(h, res) = rms_norm(o, res, ln2, eps);
