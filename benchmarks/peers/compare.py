@@ -156,7 +156,7 @@ def main() -> int:
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rates", default="0.1,0.25,0.5", help="request rates of the serving sweep (ShareGPT-like mix)")
+    ap.add_argument("--rates", default="0.3,0.5,0.7,1", help="request rates of the serving sweep (ShareGPT-like mix)")
     ap.add_argument("--serving-prompts", type=int, default=16)
     ap.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     ap.add_argument("--slo-tpot-ms", type=float, default=100.0)
@@ -190,6 +190,7 @@ def main() -> int:
     results: dict[str, dict[str, list]] = {w: {} for w in workloads}
     if "prefix" in workloads:
         results["prefix-ttft"] = {}
+    latencies: dict[str, list[list[float]]] = {}  # "rate engine" -> per repeat [TTFT p99, TPOT p99, out tok/s]
     with tempfile.TemporaryDirectory() as logs, servers(args, weights, bin_dir, vllm_py, logs) as all_urls:
         urls = {k: v for k, v in all_urls.items() if k != "xllm-nocache"}
         for repeat in range(args.repeats):
@@ -210,6 +211,10 @@ def main() -> int:
                           request_rates=rates, slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, **common)
                 for label, best in r["best_rate"].items():
                     results["serving"].setdefault(label, []).append(best["rate"] or 0.0)
+                for run_ in r["runs"]:  # the p99s behind each verdict, so other SLOs can be read off
+                    s = run_["summary"]
+                    latencies.setdefault(f"{run_['request_rate']:g} {run_['label']}", []).append(
+                        [s["ttft_ms"]["p99"], s["tpot_ms"]["p99"], s["output_throughput"]])
             if "prefix" in workloads:
                 # Each run's prefix is new (a new load point), so the cache starts cold for it.
                 r = bench(all_urls, out_dir, f"prefix-{repeat}", dataset="shared-prefix", num_prompts=args.prefix_prompts,
@@ -219,9 +224,12 @@ def main() -> int:
                     results["prefix-ttft"].setdefault(run_["label"], []).append(run_["summary"]["ttft_ms"]["median"])
             print(f"repeat {repeat + 1}/{args.repeats}: {json.dumps(results)}", flush=True)
     report = render(args, machine, versions(bin_dir, vllm_py), results, os.path.dirname(tokenizer), gguf, notes)
+    if latencies:
+        report += "\n" + serving_latencies(latencies)
     print(report)
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump({"args": vars(args), "machine": machine, "results": results, "notes": notes}, f, indent=1, default=str)
+        json.dump({"args": vars(args), "machine": machine, "results": results, "serving_latencies": latencies,
+                   "notes": notes}, f, indent=1, default=str)
     with open(os.path.join(out_dir, "summary.txt"), "w") as f:
         f.write(report + "\n")
     print(f"wrote {out_dir}")
@@ -234,6 +242,15 @@ def _hf_folder(gguf: str, dtype: str) -> str:
     if not os.path.isfile(os.path.join(path, "tokenizer.json")):
         run([sys.executable, "-m", "xllm.entrypoints.cli", "convert", gguf, "--to-hf", path, "--dtype", dtype])
     return path
+
+
+def serving_latencies(latencies: dict[str, list[list[float]]]) -> str:
+    """The serving sweep's p99s per rate and engine (medians over repeats)."""
+    rows = [["rate (req/s)", "engine", "TTFT p99 ms", "TPOT p99 ms", "output tok/s"]]
+    for key, runs in sorted(latencies.items(), key=lambda kv: float(kv[0].split()[0])):
+        rate, engine = key.split(" ", 1)
+        rows.append([rate, engine] + [f"{statistics.median(r[i] for r in runs):.0f}" for i in range(3)])
+    return "serving latencies, medians over repeats:\n" + table(rows)
 
 
 def render(args, machine: dict, versions_: dict, results: dict, hf_folder: str, gguf: str, notes: list[str]) -> str:
