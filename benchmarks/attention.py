@@ -63,13 +63,12 @@ def main() -> int:
                 for k, module in builds.items():
                     start = time.perf_counter()
                     for cache in caches:
-                        out = module.paged_decode_attention(q, cache, tables, lens, 0.125)
+                        module.paged_decode_attention(q, cache, tables, lens, 0.125)
                     times[k].append((time.perf_counter() - start) * 1000)
                     if k != "this":
                         torch.testing.assert_close(module.paged_decode_attention(q, caches[0], tables, lens, 0.125), ref)
             cells = [f"{min(v):>10.2f}/{statistics.median(v):<11.2f} {kv_bytes / min(v) / 1e6:>5.1f}" for v in times.values()]
             print(f"{batch:>5} {tokens:>6} {layout:>9} " + " ".join(cells))
-            del out
     return 0
 
 

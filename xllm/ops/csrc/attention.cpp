@@ -116,7 +116,7 @@ inline void weighted_rows(const float* p, int64_t L, const T* v, int64_t stride,
 }
 #endif
 
-// Prefetch n rows of `bytes` each, `stride` elements apart (the next block of one head).
+// Prefetch n rows of `bytes` each, `stride` elements apart (the next block, for the heads of an item).
 template <typename T>
 inline void prefetch_rows(const T* p, int64_t n, int64_t stride, int64_t bytes) {
   for (int64_t i = 0; i < n; ++i) prefetch_block(p + i * stride, bytes);
@@ -125,8 +125,8 @@ inline void prefetch_rows(const T* p, int64_t n, int64_t stride, int64_t bytes) 
 // The KV heads h0 .. h0 + nh - 1 of one sequence (hoff = h0 * D), each attended by the G query heads
 // that share it: q [nh, G, D] -> out [nh, G, D]. Block-major: each block's rows are read once for all
 // nh heads (contiguous when nh = Hkv) and the next block is prefetched, instead of one pass per head
-// over 256 bytes of every 768-byte row (12-17% faster at 4-64 sequences, benchmarks/attention.py). Scores: four keys x three
-// query heads at a time. Weighted sums: 3 heads x 32 dimensions in registers over a block, kept in
+// over 256 bytes of every 768-byte row (12-17% faster at 4-64 sequences, benchmarks/attention.py).
+// Scores: four keys x three query heads at a time. Weighted sums: 3 heads x 32 dimensions in registers over a block, kept in
 // `acc` [nh, G, D] between blocks. s is scratch of nh * G * L floats. AVX2 for D a multiple of 32,
 // plain loops otherwise.
 template <typename T, typename Rows>
@@ -255,7 +255,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kv_cach
   TORCH_CHECK(kv_cache.is_contiguous(), "paged_decode_attention: cache must be contiguous");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t NB = kv_cache.size(1), BS = kv_cache.size(2), Hkv = kv_cache.size(3);
-  TORCH_CHECK(kv_cache.size(4) == D && H % Hkv == 0 && H <= 512, "paged_decode_attention: heads");
+  TORCH_CHECK(kv_cache.size(4) == D && H % Hkv == 0, "paged_decode_attention: heads");
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == B && seq_lens.numel() == B,
               "paged_decode_attention: tables");
   auto tables = block_tables.to(at::kLong).contiguous();
@@ -281,7 +281,7 @@ at::Tensor range_decode_attention(const at::Tensor& q, const at::Tensor& k_range
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t S = k_ranges.size(0), BS = k_ranges.size(2), Hkv = k_ranges.size(3);
   const int64_t maxlen = k_ranges.size(1) * BS;
-  TORCH_CHECK(k_ranges.size(4) == D && H % Hkv == 0 && H <= 512, "range_decode_attention: heads");
+  TORCH_CHECK(k_ranges.size(4) == D && H % Hkv == 0, "range_decode_attention: heads");
   TORCH_CHECK(k_ranges.stride(4) == 1 && k_ranges.stride(3) == D && k_ranges.stride(2) == Hkv * D,
               "range_decode_attention: a page's rows must be contiguous");
   TORCH_CHECK(slots.numel() == B && seq_lens.numel() == B, "range_decode_attention: slots and lengths");

@@ -40,10 +40,7 @@ std::tuple<at::Tensor, at::Tensor> decode_layer(
   at::Tensor k = qkv.narrow(1, H * D, Hkv * D).view({M, Hkv, D});
   const at::Tensor v = qkv.narrow(1, (H + Hkv) * D, Hkv * D).view({M, Hkv, D});
   rope_(q, k, cos, sin);
-  if (kv_cache.scalar_type() == at::kFloat)
-    write_kv(kv_cache, k, v, slots);
-  else
-    write_kv(kv_cache, k.to(kv_cache.scalar_type()), v.to(kv_cache.scalar_type()), slots);
+  write_kv(kv_cache, k.to(kv_cache.scalar_type()), v.to(kv_cache.scalar_type()), slots);  // no copy in float32
   const at::Tensor attn = paged_decode_attention(q, kv_cache, block_tables, seq_lens, scale);
   const at::Tensor o = gemv(attn.view({M, H * D}), o_w, c10::nullopt);
   std::tie(h, res) = rms_norm(o, res, ln2, eps);
