@@ -69,7 +69,8 @@ def test_quick_preset_yields_to_explicit_flags():
 def test_quick_run_writes_a_complete_report(tiny_llama, tmp_path, capsys):
     out = tmp_path / "report.json"
     report = run_quick(tiny_llama[0], out, "--dtypes", "float32", "bfloat16")
-    assert set(report) == {"config", "machine", "model", "results"}
+    assert set(report) == {"command", "config", "machine", "model", "results"}
+    assert report["command"].endswith(f"--output {out}")  # the command line that made the report
     machine = report["machine"]
     assert machine["threads"] == 1 and machine["torch"] == torch.__version__
     assert positive(machine["bandwidth_gbs"]["roofline"])

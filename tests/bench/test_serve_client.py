@@ -17,6 +17,7 @@ import time
 import pytest
 from aiohttp import web
 
+from xllm.bench.results import read_json
 from xllm.bench.serve import ServeBenchConfig, add_serve_args, cmd_serve, config_from_args, run_benchmark
 from xllm.bench.serve_client import ServerClient
 from xllm.bench.serve_report import format_report
@@ -197,7 +198,7 @@ def test_two_servers_one_failing_write_json_and_png(server, tmp_path):
         output=str(tmp_path / "out" / "serve.json"),
     )
     report = run_benchmark(cfg)
-    assert set(report) == {"config", "machine", "slo", "servers", "runs", "best_rate", "files"}
+    assert set(report) == {"command", "config", "machine", "slo", "servers", "runs", "best_rate", "files"}
     assert [s["label"] for s in report["servers"]] == ["good", "bad"]
     good, bad = report["runs"]
     assert good["summary"]["completed"] == 4 and good["summary"]["failed"] == 0
@@ -208,7 +209,11 @@ def test_two_servers_one_failing_write_json_and_png(server, tmp_path):
     assert report["best_rate"]["good"]["rate"] == float("inf") and report["best_rate"]["bad"]["rate"] is None
     written = json.loads((tmp_path / "out" / "serve.json").read_text())
     assert written["runs"][0]["request_rate"] == "inf"  # strict JSON: non-finite numbers as strings
-    assert len(written["runs"][0]["requests"]) == 4 and written["files"] == report["files"]
+    assert "requests" not in written["runs"][0] and written["files"] == report["files"]  # a summary
+    assert written["runs"][0]["summary"]["completed"] == 4 and written["command"] == report["command"]
+    assert report["files"]["raw"] == str(tmp_path / "out" / "raw" / "serve.json.gz")
+    raw = read_json(report["files"]["raw"])  # every request, gzipped, beside the summary
+    assert len(raw["runs"][0]["requests"]) == 4 and raw["runs"][0]["summary"] == written["runs"][0]["summary"]
     with open(report["files"]["plot"], "rb") as f:
         assert f.read(8) == PNG_SIGNATURE
     printed = format_report(report)
@@ -224,15 +229,16 @@ def test_failed_warm_up_stops_the_run(server, tmp_path):
 def test_cmd_serve_rate_sweep(server, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_serve_args(parser)
-    out, plot = tmp_path / "sweep.json", tmp_path / "plots" / "sweep.png"
+    out, plot, raw = tmp_path / "sweep.json", tmp_path / "plots" / "sweep.png", tmp_path / "elsewhere" / "sweep.json.gz"
     before = len(server.bodies)
     args = parser.parse_args([
         "--quick", "--base-url", server.url, "--label", "fake", "--rates", "40,80", "--slo-ttft-ms", "5000",
         "--slo-tpot-ms", "5000", "--dataset", "shared-prefix", "--endpoint", "chat", "--output", str(out),
-        "--plot", str(plot),
+        "--plot", str(plot), "--raw-output", str(raw),
     ])
     assert cmd_serve(args) == 0
     report = json.loads(out.read_text())
+    assert [len(run["requests"]) for run in read_json(str(raw))["runs"]] == [8, 8]
     assert len(server.bodies) - before == 1 + 2 * 8  # one warm-up, then 8 requests at each of 2 rates
     assert [run["request_rate"] for run in report["runs"]] == [40, 80]
     assert report["best_rate"]["fake"]["rate"] == 80 and report["best_rate"]["fake"]["capped"]

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from xllm.bench.results import read_json
+
 pytestmark = pytest.mark.slow
 
 
@@ -20,7 +22,7 @@ def test_bench_serve_against_our_server(server, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
-    (run,) = report["runs"]
+    (run,) = read_json(report["files"]["raw"])["runs"]  # the raw file holds every request
     s = run["summary"]
     assert s["completed"] == 6 and s["failed"] == 0
     assert all(r["output_tokens"] == 8 for r in run["requests"])  # ignore_eos honoured, usage read
@@ -28,4 +30,5 @@ def test_bench_serve_against_our_server(server, tmp_path):
     assert 0 < s["ttft_ms"]["median"] <= s["e2e_ms"]["median"]
     assert s["output_throughput"] > 0 and s["meets_slo"] is True
     assert report["servers"][0]["model"] == "smollm2"
+    assert report["command"].startswith("xllm bench serve --base-url ")  # the command that made the run
     assert os.path.getsize(report["files"]["plot"]) > 1000

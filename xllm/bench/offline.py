@@ -5,7 +5,8 @@ the same workload: N prompts of exactly `input_len` seeded random token ids, `ou
 tokens each with EOS ignored. Then batch-1 decode: one prompt, timed with 1 and output_len + 1
 new tokens; the difference is output_len decode steps. Medians, every run, the machine's matmul
 rate and memory bandwidth, and the fraction of the compute and bandwidth rooflines each engine
-reaches are printed as a table and written to JSON.
+reaches are printed as a table and written to JSON with the command line (a summary: every run's
+figure, no per-request data).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from xllm.bench.machine import measure_machine
+from xllm.bench.results import RESULTS_DIR, command_line
 from xllm.bench.roofline import ModelCost, mean_decode_context
 from xllm.config import DTYPE_CHOICES, parse_dtype
 
@@ -262,7 +264,7 @@ def run_offline(cfg: OfflineConfig) -> dict:
 def default_output_path(now: datetime.datetime | None = None) -> str:
     """benchmarks/results/offline-<date>-<time>.json under the current directory."""
     stamp = f"{now or datetime.datetime.now():%Y-%m-%d-%H%M%S}"
-    return os.path.join("benchmarks", "results", f"offline-{stamp}.json")
+    return os.path.join(RESULTS_DIR, f"offline-{stamp}.json")
 
 
 def write_report(report: dict, path: str) -> str:
@@ -314,12 +316,12 @@ def config_from_args(args: argparse.Namespace) -> OfflineConfig:
     )
 
 
-def cmd_offline(args: argparse.Namespace) -> int:
-    """Run the benchmark from parsed flags: print the table, write the JSON."""
+def cmd_offline(args: argparse.Namespace, command: str | None = None) -> int:
+    """Run the benchmark from parsed flags: print the table, write the JSON with `command` (default: sys.argv)."""
     from xllm.bench.report import format_report
 
     cfg = config_from_args(args)
-    report = run_offline(cfg)
+    report = {"command": command or command_line(), **run_offline(cfg)}
     path = write_report(report, cfg.output or default_output_path())
     print(format_report(report))
     print(f"\nwritten: {path}")
@@ -334,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     add_offline_args(parser)
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
-    return cmd_offline(args)
+    return cmd_offline(args, command_line(None if argv is None else [sys.argv[0], *argv]))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ throughputs, and goodput against latency bounds (SLO). Requests arrive as a Pois
 --request-rate (inf = all at once), optionally capped at --max-concurrency in flight (with an
 infinite rate: a closed loop of that many clients). --sweep runs every rate of --rates, --sweep-auto
 searches the highest rate that meets the SLO; several --base-url servers run interleaved at each
-rate. Prints a table, writes every run and every request to JSON and draws the curves to a PNG.
+rate. Prints a table, writes every run's figures to a summary JSON (with the command line), every
+request to a gzipped raw JSON in the ignored raw/ folder beside it, and draws the curves to a PNG.
 
 Prompts are made of common English words, about one token each: their lengths are approximate
 (exact with --tokenizer), and the server's own prompt-token counts are reported. No downloads.
@@ -19,12 +20,13 @@ import asyncio
 import dataclasses
 import datetime
 import itertools
-import json
 import logging
 import math
 import os
 import platform
 from dataclasses import dataclass
+
+from xllm.bench.results import RESULTS_DIR, command_line, raw_path, write_raw, write_summary
 
 from xllm.bench.serve_client import ServerClient, default_label, normalize_base_url
 from xllm.bench.serve_report import format_report
@@ -73,7 +75,8 @@ class ServeBenchConfig:
     timeout_s: float = 600.0  # limit of one request
     seed: int = 0  # of the prompts and the arrival times
     quick: bool = False  # a tiny workload, for development
-    output: str | None = None  # JSON path; None = benchmarks/results/serve-<date>-<time>.json
+    output: str | None = None  # summary JSON path; None = benchmarks/results/serve-<date>-<time>.json
+    raw_output: str | None = None  # raw JSON.gz path (every request); None = raw/<name>.gz beside the summary
     plot: str | None = None  # PNG path; None = the JSON path with .png
     draw_plot: bool = True
 
@@ -154,14 +157,16 @@ def run_benchmark(config: ServeBenchConfig) -> dict:
 
     With fixed rates, every rate is run on each server in turn before the next rate (interleaved);
     an automatic sweep searches each server's rate in turn. Runs its own event loop, so call it
-    from synchronous code. The report's top-level keys: config, machine, slo (None without bounds),
-    servers, runs (each with its summary and per-request records), best_rate (per label, with an
-    SLO), files (the JSON and PNG paths).
+    from synchronous code. The report's top-level keys: command (the running command line), config,
+    machine, slo (None without bounds), servers, runs (each with its summary and per-request
+    records), best_rate (per label, with an SLO), files (the summary JSON, raw JSON.gz and PNG
+    paths). The summary JSON holds all of it but the per-request records; the raw file holds all.
     """
     config.check()
     workload = Workload(config)
     slo = config.slo
     report: dict = {
+        "command": command_line(),
         "config": dataclasses.asdict(config),
         "machine": machine_line(),
         "slo": {**dataclasses.asdict(slo), "rule": SLO_RULE} if slo.active else None,
@@ -237,33 +242,27 @@ def run_benchmark(config: ServeBenchConfig) -> dict:
 def default_output_path(now: datetime.datetime | None = None) -> str:
     """benchmarks/results/serve-<date>-<time>.json under the current directory."""
     stamp = f"{now or datetime.datetime.now():%Y-%m-%d-%H%M%S}"
-    return os.path.join("benchmarks", "results", f"serve-{stamp}.json")
+    return os.path.join(RESULTS_DIR, f"serve-{stamp}.json")
 
 
-def _json_safe(value):
-    """`value` with every non-finite float as a string ("inf"), which strict JSON cannot hold."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
+def summary_of(report: dict) -> dict:
+    """The report without the per-request records (what the summary JSON holds)."""
+    runs = [{k: v for k, v in run.items() if k != "requests"} for run in report["runs"]]
+    return {**report, "runs": runs}
 
 
 def write_outputs(report: dict, cfg: ServeBenchConfig) -> None:
-    """Draw the PNG (unless disabled) and write the JSON, creating folders; record both paths in `report`."""
+    """Draw the PNG (unless disabled), write the summary JSON and the raw JSON.gz, creating folders;
+    record the three paths in `report`."""
     json_path = cfg.output or default_output_path()
     plot_path = None
     if cfg.draw_plot:
         from xllm.bench.serve_plot import plot_report
 
         plot_path = plot_report(report, cfg.plot or os.path.splitext(json_path)[0] + ".png")
-    report["files"] = {"json": json_path, "plot": plot_path}
-    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-    with open(json_path, "w") as f:
-        json.dump(_json_safe(report), f, indent=2, allow_nan=False)
-        f.write("\n")
+    report["files"] = {"json": json_path, "raw": cfg.raw_output or raw_path(json_path), "plot": plot_path}
+    write_summary(json_path, summary_of(report))
+    write_raw(report["files"]["raw"], report)
 
 
 # --- command line -----------------------------------------------------------------------------
@@ -334,7 +333,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--slo-tpot-ms", type=float, metavar="MS", help="bound on time per output token")
     g.add_argument("--slo-e2e-ms", type=float, metavar="MS", help="bound on end-to-end latency")
     g = parser.add_argument_group("output")
-    g.add_argument("--output", metavar="PATH", help="JSON file (default benchmarks/results/serve-<date>-<time>.json)")
+    g.add_argument("--output", metavar="PATH",
+                   help="summary JSON, every run's figures but no requests "
+                        "(default benchmarks/results/serve-<date>-<time>.json)")
+    g.add_argument("--raw-output", metavar="PATH",
+                   help="gzipped JSON of every request (default: raw/<name>.gz in the summary's folder; "
+                        "git ignores benchmarks/results/**/raw/)")
     g.add_argument("--plot", metavar="PATH", help="PNG file (default: the JSON path with .png)")
     g.add_argument("--no-plot", action="store_true", help="draw no PNG")
     g.add_argument("--quick", action="store_true", help=f"tiny run for development: {quick}")
@@ -381,15 +385,16 @@ def config_from_args(args: argparse.Namespace) -> ServeBenchConfig:
         timeout_s=args.timeout,
         seed=args.seed,
         output=args.output,
+        raw_output=args.raw_output,
         plot=args.plot,
         draw_plot=not args.no_plot,
     )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Run the benchmark from parsed flags: print the table, write the JSON and the PNG."""
+    """Run the benchmark from parsed flags: print the table, write the JSONs and the PNG."""
     report = run_benchmark(config_from_args(args))
     print(format_report(report))
     files = report["files"]
-    print(f"\nwritten: {files['json']}" + (f", {files['plot']}" if files["plot"] else ""))
+    print(f"\nwritten: {files['json']}" + (f", {files['plot']}" if files["plot"] else "") + f"; raw: {files['raw']}")
     return 0
