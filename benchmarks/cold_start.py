@@ -24,6 +24,7 @@ import time
 import urllib.request
 
 from xllm.bench.launch import launch_xllm
+from xllm.bench.results import command_line, write_summary
 from xllm.config import default_cache_dir
 from xllm.ops import cpu_kernels
 
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    command = command_line(None if argv is None else [sys.argv[0], *argv])
     kernels = cpu_kernels.build_dir()
     if not os.path.isdir(kernels):
         print("build the kernels first: xllm build-kernels", file=sys.stderr)
@@ -65,9 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"first start (model converted): {first:.1f} s; cached start: median {statistics.median(cached):.1f} s "
           f"of {', '.join(f'{t:.1f}' for t in cached)} s (target < 15 s)")
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"cold-start-{datetime.datetime.now():%Y-%m-%d-%H%M%S}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_summary(out, {"command": command, **result})
     print(f"wrote {out}")
     return 0
 

@@ -11,7 +11,9 @@ engine on the same model:
 - `disk (cold)`: no host tier, a disk tier; before the measured requests every entry is dropped
   from the OS page cache (fsync + posix_fadvise DONTNEED), so each promotion reads the disk.
 
-Prints median TTFT and hits per tier; writes JSON.
+Prints median TTFT and hits per tier; writes a summary JSON (per configuration: the medians, each
+run's median, the tier hits; and the command line) to benchmarks/results/ and every request's TTFT
+and cached tokens, gzipped, to benchmarks/results/raw/ (ignored by git).
 
     python benchmarks/kv_tiers.py [--prefixes 6] [--prefix-len 1024] [--device-blocks 160] [--repeats 3]
 """
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import random
 import statistics
@@ -30,6 +31,7 @@ import time
 
 from xllm import LLM, SamplingParams
 from xllm.bench.report import table
+from xllm.bench.results import command_line, raw_path, write_raw, write_summary
 
 
 def drop_page_cache(folder: str) -> int:
@@ -96,12 +98,21 @@ def main() -> int:
             print(f"repeat {repeat + 1}, {c}: median TTFT {statistics.median(runs[c][-1]['ttft_ms']):.0f} ms", file=sys.stderr)
     rows = [["config", "median TTFT ms", "TTFT per run (median of its requests)", "cached tokens / request", "tier hits (blocks)"]]
     base = statistics.median(t for r in runs["recompute"] for t in r["ttft_ms"])
+    summary = {}
     for c in configs:
         all_ttft = [t for r in runs[c] for t in r["ttft_ms"]]
         hits = {}
         for r in runs[c]:
             for t, n in r["tier_hit_blocks"].items():
                 hits[t] = hits.get(t, 0) + n
+        summary[c] = {
+            "median_ttft_ms": statistics.median(all_ttft),
+            "speedup_vs_recompute": base / statistics.median(all_ttft),
+            "run_median_ttft_ms": [statistics.median(r["ttft_ms"]) for r in runs[c]],
+            "median_cached_tokens": statistics.median(n for r in runs[c] for n in r["cached_tokens"]),
+            "tier_hit_blocks": hits,
+            "dropped_files": [r["dropped_files"] for r in runs[c]],
+        }
         rows.append([
             c, f"{statistics.median(all_ttft):.0f} ({base / statistics.median(all_ttft):.1f}x)",
             " ".join(f"{statistics.median(r['ttft_ms']):.0f}" for r in runs[c]),
@@ -112,10 +123,9 @@ def main() -> int:
           f"device cache {args.device_blocks} blocks x 16 tokens, {args.dtype}, {args.threads} threads, {args.repeats} repeats")
     print(table(rows))
     out = args.output or os.path.join(os.path.dirname(__file__), "results", f"kv-tiers-{datetime.datetime.now():%Y-%m-%d-%H%M%S}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"args": vars(args), "runs": runs}, f, indent=1)
-    print(f"wrote {out}")
+    raw = write_raw(raw_path(out), {"args": vars(args), "runs": runs})
+    write_summary(out, {"command": command_line(), "args": vars(args), "configs": summary, "raw": raw})
+    print(f"wrote {out} (every request: {raw})")
     return 0
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import random
 import statistics
@@ -36,6 +35,7 @@ import torch
 from xllm import LLM, SamplingParams
 from xllm.bench.machine import machine_info
 from xllm.bench.report import table
+from xllm.bench.results import command_line, write_summary
 from xllm.engine.engine import StepTiming
 
 
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    command = command_line(None if argv is None else [sys.argv[0], *argv])
     rng = random.Random(0)
     llms = {
         overlap: LLM(model=args.model, dtype=args.dtype, num_threads=args.threads, overlap=overlap,
@@ -104,10 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     hidden = med[False]["host_ms"] - med[True]["host_ms"]
     print(f"hidden by overlap: {hidden:.2f} ms of {med[False]['host_ms']:.2f} ms host time per step")
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"overlap-{datetime.datetime.now():%Y-%m-%d-%H%M%S}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"machine": info, "args": vars(args), "runs": {str(k): v for k, v in runs.items()}, "medians":
-                   {str(k): v for k, v in med.items()}}, f, indent=1)
+    write_summary(out, {"command": command, "machine": info, "args": vars(args),
+                        "runs": {str(k): v for k, v in runs.items()}, "medians": {str(k): v for k, v in med.items()}})
     print(f"wrote {out}")
     return 0
 

@@ -6,6 +6,10 @@ ongoing decodes) at Poisson rates through `xllm bench serve`, the servers interl
 medians of the per-run figures, as a table and a plot (TTFT p50 against ITL p99: the trade-off).
 
     python benchmarks/policies.py [--rates 0.5] [--num-prompts 24] [--repeats 2] [--overlap both]
+
+Results: in benchmarks/results/policies-<date>-<time>/, summary.json (every run's figures and the
+command line), run-<repeat>.json (each repeat's `xllm bench serve` summary) and tradeoff.png; every
+request, gzipped, in benchmarks/results/raw/policies-<date>-<time>/ (ignored by git).
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -21,6 +24,7 @@ import tempfile
 
 from xllm.bench.launch import launch_xllm
 from xllm.bench.report import table
+from xllm.bench.results import command_line, raw_dir, write_summary
 from xllm.bench.serve import ServeBenchConfig, run_benchmark
 
 POLICIES = ("chunked", "prefill-first", "decode-first")
@@ -79,7 +83,8 @@ def main() -> int:
             cfg = ServeBenchConfig.create(
                 base_urls=tuple(urls.values()), labels=tuple(urls), models=("model",), dataset="sharegpt",
                 num_prompts=args.num_prompts, request_rates=rates, seed=repeat,
-                output=os.path.join(out_dir, f"run-{repeat}.json"), draw_plot=False,
+                output=os.path.join(out_dir, f"run-{repeat}.json"),
+                raw_output=os.path.join(raw_dir(out_dir), f"run-{repeat}.json.gz"), draw_plot=False,
             )
             for run in run_benchmark(cfg)["runs"]:
                 runs.setdefault((run["label"], run["request_rate"]), []).append(run["summary"])
@@ -93,10 +98,10 @@ def main() -> int:
     print(f"batch policies  {datetime.date.today()}  ShareGPT-like mix, {args.num_prompts} requests per run, "
           f"{args.threads} threads, medians of {args.repeats} interleaved repeats")
     print(table(rows))
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump({"args": vars(args), "runs": {f"{p}@{r}": v for (p, r), v in runs.items()}}, f, indent=1)
+    write_summary(os.path.join(out_dir, "summary.json"), {
+        "command": command_line(), "args": vars(args), "runs": {f"{p}@{r}": v for (p, r), v in runs.items()}})
     plot_tradeoff(runs, os.path.join(out_dir, "tradeoff.png"))
-    print(f"wrote {out_dir}")
+    print(f"wrote {out_dir} (every request: {raw_dir(out_dir)})")
     return 0
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -29,6 +28,7 @@ import time
 from xllm import LLM, SamplingParams
 from xllm.bench.launch import launch_xllm
 from xllm.bench.report import table
+from xllm.bench.results import command_line, write_summary
 from xllm.bench.serve import ServeBenchConfig, run_benchmark
 from xllm.bench.serve_workload import Workload
 
@@ -108,9 +108,8 @@ def main() -> int:
     path = args.output or os.path.join(
         os.path.dirname(__file__), "results", f"serve-overhead-{datetime.datetime.now():%Y-%m-%d-%H%M%S}.json"
     )
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"args": vars(args), "runs": rows, "medians": med, "throughput_ratio": ratio, "ttft_gap_ms": gap}, f, indent=1)
+    write_summary(path, {"command": command_line(), "args": vars(args), "runs": rows, "medians": med,
+                         "throughput_ratio": ratio, "ttft_gap_ms": gap})
     print(f"wrote {path}")
     return 0
 

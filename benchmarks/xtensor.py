@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import random
 import statistics
@@ -32,6 +31,7 @@ import torch
 
 from xllm.bench.machine import machine_info
 from xllm.bench.report import table
+from xllm.bench.results import command_line, write_summary
 from xllm.config import CacheConfig, ModelConfig
 from xllm.kv.xtensor import pool_mappings
 from xllm.models.loader import load_model
@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-torch-path", action="store_true", help="skip the torch-path (no compiled kernels) rows")
     parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/xtensor-<date>.json)")
     args = parser.parse_args(argv)
+    command = command_line(None if argv is None else [sys.argv[0], *argv])
     if args.threads:
         torch.set_num_threads(args.threads)
     batches = [int(x) for x in args.batches.split(",")]
@@ -162,10 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or os.path.join(
         os.path.dirname(__file__), "results", f"xtensor-{datetime.datetime.now():%Y-%m-%d-%H%M%S}.json"
     )
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"machine": info, "dtype": args.dtype, "block_size": args.block_size, "page_bytes": pool.page_bytes,
-                   "huge_pages": pool.huge_pages, "repeats": args.repeats, "results": results}, f, indent=1)
+    write_summary(out, {"command": command, "machine": info, "dtype": args.dtype, "block_size": args.block_size,
+                        "page_bytes": pool.page_bytes, "huge_pages": pool.huge_pages, "repeats": args.repeats,
+                        "results": results})
     print(f"wrote {out}")
     return 0
 

@@ -20,8 +20,10 @@ llama.cpp, vLLM, xLLM, ...), repeated, and the table gives medians and ratios xL
     bash benchmarks/peers/install_vllm.sh         # its own venv in ~/.cache/xllm-peers
     .venv/bin/python benchmarks/peers/compare.py [--peers llama.cpp,vllm] [--dtype float32] [--quick]
 
-Peers that are not installed are skipped with a note. Results: JSON and PNGs under
-benchmarks/results/peers-<date>-<time>*.
+Peers that are not installed are skipped with a note. Results: in benchmarks/results/peers-<date>-<time>/,
+summary.txt (the table), summary.json (the medians and the command line), one summary JSON per
+workload and repeat (every run's figures) and PNGs; every request of every run, gzipped, in
+benchmarks/results/raw/peers-<date>-<time>/ (ignored by git).
 """
 
 from __future__ import annotations
@@ -42,10 +44,12 @@ import torch
 from xllm.bench.launch import free_port, launch, launch_xllm
 from xllm.bench.machine import measure_machine
 from xllm.bench.report import table
+from xllm.bench.results import command_line, raw_dir, write_summary
 from xllm.bench.roofline import ModelCost
 from xllm.bench.serve import ServeBenchConfig, run_benchmark
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
 PEERS_DIR = os.environ.get("XLLM_PEERS_DIR", os.path.expanduser("~/.cache/xllm-peers"))
 GGUF_TYPES = {"float32": "F32", "bfloat16": "BF16"}
 # llama-server splits -c evenly over its -np slots: each slot must hold the longest request of
@@ -139,9 +143,10 @@ def servers(args, weights: dict, bin_dir: str | None, vllm_py: str | None, log_d
 
 
 def bench(urls: dict, out_dir: str, name: str, **kw) -> dict:
+    """One `xllm bench serve` run: its summary JSON in `out_dir`, its requests gzipped in the raw folder."""
     cfg = ServeBenchConfig.create(
         base_urls=tuple(urls.values()), labels=tuple(urls), models=("model",), output=os.path.join(out_dir, f"{name}.json"),
-        **kw,
+        raw_output=os.path.join(raw_dir(out_dir), f"{name}.json.gz"), **kw,
     )
     return run_benchmark(cfg)
 
@@ -180,7 +185,7 @@ def main() -> int:
     if "vllm" in args.peers and not vllm_py:
         notes.append("vLLM skipped: not installed (bash benchmarks/peers/install_vllm.sh)")
     stamp = f"{datetime.datetime.now():%Y-%m-%d-%H%M%S}"
-    out_dir = os.path.join(HERE, "..", "results", f"peers-{stamp}")
+    out_dir = os.path.join(REPO, "benchmarks", "results", f"peers-{stamp}")
     os.makedirs(out_dir, exist_ok=True)
     torch.set_num_threads(args.threads)
     machine = measure_machine([getattr(torch, args.dtype)], args.threads, quick=args.quick)
@@ -227,12 +232,12 @@ def main() -> int:
     if latencies:
         report += "\n" + serving_latencies(latencies)
     print(report)
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump({"args": vars(args), "machine": machine, "results": results, "serving_latencies": latencies,
-                   "notes": notes}, f, indent=1, default=str)
+    write_summary(os.path.join(out_dir, "summary.json"), {
+        "command": command_line(), "args": vars(args), "machine": machine, "results": results,
+        "serving_latencies": latencies, "notes": notes, "raw": os.path.relpath(raw_dir(out_dir), REPO)})
     with open(os.path.join(out_dir, "summary.txt"), "w") as f:
         f.write(report + "\n")
-    print(f"wrote {out_dir}")
+    print(f"wrote {out_dir} (every request: {raw_dir(out_dir)})")
     return 0
 
 
