@@ -23,6 +23,7 @@ _DTYPES = {
     "half": torch.float16,
 }
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype | None:
@@ -57,8 +58,11 @@ KV_LAYOUTS = ("paged", "xtensor")
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16
-    # Memory for the KV cache, in GiB; ignored when num_blocks is given.
-    kv_cache_memory_gib: float = 2.0
+    # Memory for the KV cache, in GiB; ignored when num_blocks is given. None: the platform's
+    # default (2 GiB on the CPU; on CUDA what gpu_memory_utilization leaves once the model is loaded).
+    kv_cache_memory_gib: float | None = None
+    # CUDA: the fraction of the GPU's memory this engine may use (weights, activations, KV cache).
+    gpu_memory_utilization: float = 0.9
     num_blocks: int | None = None
     enable_prefix_caching: bool = True  # reuse KV blocks of equal prompt prefixes across requests
     # Lower prefix-cache tiers (kv/tiers.py): evicted cached blocks go to host memory, then to disk.
@@ -74,6 +78,10 @@ class CacheConfig:
             raise ValueError(f"kv_layout must be one of {', '.join(KV_LAYOUTS)}, got {self.kv_layout!r}")
         if self.block_size < 1:
             raise ValueError("block_size must be >= 1")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kv_cache_memory_gib is not None and not self.kv_cache_memory_gib > 0:
+            raise ValueError(f"kv_cache_memory_gib must be > 0, got {self.kv_cache_memory_gib}")
 
 
 SCHEDULING_POLICIES = ("chunked", "prefill-first", "decode-first")
@@ -111,15 +119,22 @@ class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # "cpu", "cuda" or "auto" (CUDA when torch sees a GPU); picks the platform (xllm/platforms/)
+    device: str = "auto"
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads; None = torch's default
-    compiled_kernels: bool = True  # use the built C++ CPU kernels (xllm/ops/cpu_kernels.py) when present
-    # float32: keep oneDNN-blocked copies of the weights for decode batches of 33-128 rows (more memory)
+    # CPU platform: use the built C++ kernels (xllm/ops/cpu_kernels.py) when present
+    compiled_kernels: bool = True
+    # CPU platform, float32: keep oneDNN-blocked copies of the weights for decode batches of 33-128 rows (more memory)
     packed_weights: bool = True
-    # Copy the weights onto transparent huge pages after loading (where THP is enabled or madvise).
+    # CPU platform: copy the weights onto transparent huge pages after loading (where THP is enabled or madvise).
     huge_pages: bool = True
     # Pipelining: schedule the next step and process the last one in a helper thread while a step computes.
     overlap: bool = True
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
 
     @classmethod
     def create(cls, **kwargs) -> "EngineConfig":

@@ -183,3 +183,70 @@ def test_argmax_matches_torch(kernels):
     x[3, 9] = float("nan")  # NaN wins, as in torch
     assert torch.equal(cpu_kernels.argmax(x), x.argmax(-1))
     assert cpu_kernels.argmax(x).tolist() == [0, 5, 0, 9]
+
+
+# ---- tensors that are not on the CPU: every dispatcher takes the torch path --------------------
+class _Refusing:
+    """A stand-in for the built module: any kernel call fails the test (meta tensors must never
+    reach the C++, which would read their missing host memory)."""
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            raise AssertionError(f"the C++ kernel {name} was called with non-CPU tensors")
+
+        return call
+
+
+@pytest.fixture
+def refusing(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_module", _Refusing())
+    monkeypatch.setattr(cpu_kernels, "_enabled", True)
+
+
+def meta(*shape, dtype=torch.float32):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def test_every_dispatcher_falls_back_for_tensors_off_the_cpu(refusing):
+    assert cpu_kernels.linear(meta(2, 8), meta(16, 8)).device.type == "meta"
+    assert cpu_kernels.linear(meta(2, 8), meta(16, 8), meta(16)).device.type == "meta"
+    assert cpu_kernels.linear(meta(40, 8), meta(16, 8), None, torch.empty(0)).device.type == "meta"  # packed: not for meta
+    assert cpu_kernels.prepack(meta(16, 8)) is None
+    assert cpu_kernels.rms_norm(meta(2, 8), None, meta(8), 1e-6) is None
+    assert cpu_kernels.rms_norm(meta(2, 8), meta(2, 8), meta(8), 1e-6) is None
+    assert cpu_kernels.silu_mul(meta(2, 8)).shape == (2, 4)
+    assert cpu_kernels.argmax(meta(2, 8)).device.type == "meta"
+    assert cpu_kernels.rope_(meta(3, 2, 8), meta(3, 1, 8), meta(3, 1, 8), meta(3, 1, 8)) is False
+    assert cpu_kernels.write_kv(meta(2, 4, 16, 1, 8), meta(3, 1, 8), meta(3, 1, 8), meta(3, dtype=torch.long)) is False
+    tables, lens = meta(2, 3, dtype=torch.long), meta(2, dtype=torch.long)
+    assert cpu_kernels.paged_decode_attention(meta(2, 4, 8), meta(2, 4, 16, 1, 8), tables, lens, 0.3) is None
+    ranges = meta(4, 3, 16, 1, 8)
+    assert cpu_kernels.range_decode_attention(meta(2, 4, 8), ranges, ranges, lens, lens, 0.3) is None
+    assert not cpu_kernels.decode_layer_ready(meta(2, 8))
+    with pytest.raises(ValueError, match="CPU"):
+        cpu_kernels.gemv(meta(2, 8), meta(16, 8))
+    with pytest.raises(ValueError, match="CPU"):
+        cpu_kernels.decode_layer(meta(2, 8), None, meta(8))
+
+
+def test_a_cpu_activation_with_a_weight_elsewhere_is_not_sent_to_the_kernel(refusing):
+    """Every tensor argument is checked, not only the first."""
+    assert cpu_kernels.rms_norm(torch.randn(2, 8), None, meta(8), 1e-6) is None
+    assert cpu_kernels.write_kv(torch.zeros(2, 4, 16, 1, 8), meta(3, 1, 8), meta(3, 1, 8), torch.zeros(3, dtype=torch.long)) is False
+
+
+def test_the_kernels_themselves_refuse_tensors_off_the_cpu(kernels):
+    """Behind the dispatchers, each C++ entry point checks the device too (a clear error, not a crash)."""
+    calls = {
+        "gemv": (meta(2, 8), meta(16, 8), None),
+        "rms_norm": (meta(2, 8), None, meta(8), 1e-6),
+        "silu_mul": (meta(2, 8),),
+        "argmax_rows": (meta(2, 8),),
+        "rope_": (meta(3, 2, 8), meta(3, 1, 8), meta(3, 1, 8), meta(3, 1, 8)),
+        "write_kv": (meta(2, 4, 16, 1, 8), meta(3, 1, 8), meta(3, 1, 8), meta(3, dtype=torch.long)),
+        "paged_decode_attention": (meta(2, 4, 8), meta(2, 4, 16, 1, 8), meta(2, 3, dtype=torch.long),
+                                   meta(2, dtype=torch.long), 0.3),
+    }
+    for name, args in calls.items():
+        with pytest.raises(RuntimeError, match="CPU tensors only"):
+            getattr(kernels, name)(*args)

@@ -11,7 +11,7 @@ import os
 from datetime import datetime
 from functools import cached_property
 
-from xllm.models.loader.errors import ModelLoadError
+from xllm.models.errors import ModelLoadError
 from xllm.models.loader.hf import read_json
 
 

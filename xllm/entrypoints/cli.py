@@ -26,10 +26,16 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         default="auto",
         choices=DTYPE_CHOICES,
-        help="precision of weights and KV cache; auto = the checkpoint's dtype (float32 for a GGUF)",
+        help="precision of weights and KV cache; auto = the checkpoint's (on the CPU: float32 for a GGUF, bfloat16 for a "
+        "float16 checkpoint; on CUDA: half precision, bfloat16 for float32 checkpoints and GGUFs); float16 needs CUDA",
     )
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the model runs: cpu, cuda, or auto (default: CUDA when torch sees a GPU, else the CPU)")
     g.add_argument("--max-model-len", type=int, default=None, help="context limit in tokens (default: the model's)")
-    g.add_argument("--kv-cache-memory", type=float, default=2.0, metavar="GIB", help="memory for the KV cache in GiB (default 2)")
+    g.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB",
+                   help="memory for the KV cache in GiB (default: 2 on the CPU; on CUDA what --gpu-memory-utilization leaves)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="FRACTION",
+                   help="CUDA: the share of the GPU's memory for weights, activations and the KV cache (default 0.9)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default 16)")
     g.add_argument("--kv-layout", default="paged", choices=["paged", "xtensor"],
                    help="paged: block tensors read through block tables (default); xtensor: one physical page pool, "
@@ -67,7 +73,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--no-compiled-kernels",
         dest="compiled_kernels",
         action="store_false",
-        help="run every matmul through torch, not the C++ kernels built by `xllm build-kernels`",
+        help="CPU: run every op through torch, not the C++ kernels built by `xllm build-kernels`",
     )
     g.add_argument("--no-packed-weights", dest="packed_weights", action="store_false",
                    help="do not keep oneDNN-blocked float32 copies of the weights (float32 models: for decode batches of "
@@ -85,9 +91,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(
         model=args.model,
+        device=args.device,
         dtype=args.dtype,
         max_model_len=args.max_model_len,
         kv_cache_memory_gib=args.kv_cache_memory,
+        gpu_memory_utilization=args.gpu_memory_utilization,
         block_size=args.block_size,
         kv_layout=args.kv_layout,
         enable_prefix_caching=args.enable_prefix_caching,

@@ -16,9 +16,10 @@ class LLM:
     """An engine for offline batched generation.
 
     `LLM()` loads the default model (SmolLM2-135M-Instruct). Keyword arguments are engine
-    options: dtype ("auto", "float32", "bfloat16"), max_model_len, kv_cache_memory_gib,
-    num_blocks, block_size, max_num_batched_tokens, max_num_seqs, enable_chunked_prefill,
-    seed, num_threads.
+    options: device ("auto", "cpu", "cuda"; auto = CUDA when torch sees a GPU), dtype ("auto",
+    "float32", "bfloat16", "float16" on CUDA), max_model_len, kv_cache_memory_gib,
+    gpu_memory_utilization (CUDA), num_blocks, block_size, max_num_batched_tokens, max_num_seqs,
+    enable_chunked_prefill, seed, num_threads, and the rest of `EngineConfig`'s fields.
     """
 
     def __init__(self, model: str | None = None, **kwargs):

@@ -61,7 +61,7 @@ def candidate_rows(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tenso
     mass = (values - lse).exp().sum(dim=-1)  # share of the full distribution the candidates hold
     k_on = top_k < vocab
     ok = (k_on & (top_k <= c)) | (~k_on & (top_p < 1.0) & (mass >= top_p))
-    ranks = torch.arange(c).unsqueeze(0)
+    ranks = torch.arange(c, device=logits.device).unsqueeze(0)
     values = values.masked_fill(ranks >= top_k.clamp(max=c).unsqueeze(1), float("-inf"))
     # top-p over the (top-k filtered) distribution: normalized over the kept candidates when top-k
     # is on (they are its whole support), over the full vocabulary otherwise.
@@ -102,14 +102,16 @@ def apply_penalties(
     the penalty if positive, multiplied if negative. Frequency: minus penalty x count in the output.
     Presence: minus penalty once for each token present in the output."""
     n, vocab = logits.shape
-    counts = torch.zeros(n, vocab, dtype=logits.dtype)
-    seen = torch.zeros(n, vocab, dtype=torch.bool)
+    device = logits.device
+    counts = torch.zeros(n, vocab, dtype=logits.dtype, device=device)
+    seen = torch.zeros(n, vocab, dtype=torch.bool, device=device)
     for i in range(n):
         if output_ids[i]:
-            out = torch.tensor(output_ids[i], dtype=torch.long)
-            counts[i].index_add_(0, out, torch.ones(len(out), dtype=logits.dtype))
+            out = torch.tensor(output_ids[i], dtype=torch.long, device=device)
+            counts[i].index_add_(0, out, torch.ones(len(out), dtype=logits.dtype, device=device))
         if prompt_ids[i]:
-            seen[i, torch.tensor(prompt_ids[i], dtype=torch.long)] = True
+            seen[i, torch.tensor(prompt_ids[i], dtype=torch.long, device=device)] = True
+    repetition, frequency, presence = (t.to(device) for t in (repetition, frequency, presence))
     seen |= counts > 0
     rep = repetition.unsqueeze(1)
     penalized = torch.where(logits > 0, logits / rep, logits * rep)
@@ -120,17 +122,20 @@ def apply_penalties(
 def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, k: int) -> list[TokenLogprobs]:
     """logits: [M, V] float32; targets: [M] -> for each row the target's logprob and rank, plus the top k."""
     logprobs = logits.log_softmax(dim=-1)
-    target_lp = logprobs.gather(1, targets.unsqueeze(1))
+    target_lp = logprobs.gather(1, targets.to(logits.device).unsqueeze(1))
     ranks = (logprobs > target_lp).sum(dim=-1) + 1
     entries = []
+    # read back to the host once, not element by element
+    targets, target_lp, ranks = targets.tolist(), target_lp.squeeze(1).tolist(), ranks.tolist()
     if k > 0:
         top_lp, top_ids = logprobs.topk(k, dim=-1)
+        top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
         top_ranks = list(range(1, k + 1))
     for i in range(logits.shape[0]):
-        ids, lps, rks = [int(targets[i])], [float(target_lp[i])], [int(ranks[i])]
+        ids, lps, rks = [targets[i]], [target_lp[i]], [ranks[i]]
         if k > 0:
-            ids += top_ids[i].tolist()
-            lps += top_lp[i].tolist()
+            ids += top_ids[i]
+            lps += top_lp[i]
             rks += top_ranks
         entries.append(TokenLogprobs(ids, lps, rks))
     return entries
@@ -146,9 +151,10 @@ class Sampler:
         params = [c.params for c in contexts]
         for i, (c, p) in enumerate(zip(contexts, params)):
             if p.logit_bias:
-                ids = torch.tensor(list(p.logit_bias), dtype=torch.long)
+                ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
                 valid = ids < logits.shape[1]
-                logits[i, ids[valid]] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype)[valid]
+                bias = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+                logits[i, ids[valid]] += bias[valid]
             if len(c.output_token_ids) < p.min_tokens and c.stop_token_ids:
                 stop = [t for t in c.stop_token_ids if t < logits.shape[1]]
                 logits[i, stop] = float("-inf")
@@ -190,24 +196,28 @@ class Sampler:
         if all(greedy_rows):
             return argmax
         n, vocab = logits.shape
-        temperature = torch.tensor([p.temperature if not g else 1.0 for p, g in zip(params, greedy_rows)])
+        device = logits.device
+        temperature = torch.tensor([p.temperature if not g else 1.0 for p, g in zip(params, greedy_rows)], device=device)
         logits = logits / temperature.unsqueeze(1)
         if any(p.min_p > 0 for p in params):
-            logits = apply_min_p(logits, torch.tensor([p.min_p for p in params], dtype=torch.float32))
+            logits = apply_min_p(logits, torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device))
         top_k = top_p = None
         if any(p.top_k > 0 for p in params):
-            top_k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params])
+            top_k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params], device=device)
         if any(p.top_p < 1.0 for p in params):
-            top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
+            top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+        # The uniforms come from host generators (a request's own when seeded), whatever the device,
+        # so a seeded request draws the same numbers everywhere.
         uniforms = torch.empty(n)
         for i in range(n):
             uniforms[i] = 0.0 if greedy_rows[i] else torch.rand(1, generator=contexts[i].generator or self.generator)
-        sampled = torch.empty(n, dtype=torch.long)
-        greedy = torch.tensor(greedy_rows)
+        uniforms = uniforms.to(device)
+        sampled = torch.empty(n, dtype=torch.long, device=device)
+        greedy = torch.tensor(greedy_rows, device=device)
         full = ~greedy  # rows sampled over the whole vocabulary
         if top_k is not None or top_p is not None:
-            top_k = top_k if top_k is not None else torch.full((n,), vocab)
-            top_p = top_p if top_p is not None else torch.ones(n)
+            top_k = top_k if top_k is not None else torch.full((n,), vocab, device=device)
+            top_p = top_p if top_p is not None else torch.ones(n, device=device)
             ok, values, ids = candidate_rows(logits, top_k, top_p)
             ok &= ~greedy
             if ok.any():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from xllm.models.loader.errors import ModelLoadError
+from xllm.models.errors import ModelLoadError
 from xllm.models.registry import get_model_class
 
 

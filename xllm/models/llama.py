@@ -17,7 +17,7 @@ from xllm.layers.linear import Embedding, Linear, MergedLinear
 from xllm.layers.norm import RMSNorm
 from xllm.layers.rotary import RotaryEmbedding
 from xllm.models.arch_config import ArchConfig
-from xllm.models.loader.errors import ModelLoadError
+from xllm.models.errors import ModelLoadError
 from xllm.ops import cpu_kernels
 
 

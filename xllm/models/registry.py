@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from xllm.models.loader.errors import ModelLoadError
+from xllm.models.errors import ModelLoadError
 
 _MODELS = {
     "LlamaForCausalLM": ("xllm.models.llama", "LlamaForCausalLM"),

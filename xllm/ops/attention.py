@@ -30,6 +30,10 @@ class PrefillSeq:
     mask: torch.Tensor | None  # [q_len, context_len + q_len] bool (True = attend); None if context_len == 0
     slot: int | None = None  # xtensor layout: the sequence's range
 
+    def to(self, device: torch.device) -> "PrefillSeq":
+        mask = None if self.mask is None else self.mask.to(device)
+        return PrefillSeq(self.q_start, self.q_len, self.context_len, self.block_ids.to(device), mask, self.slot)
+
 
 @dataclass
 class AttentionMetadata:
@@ -41,6 +45,20 @@ class AttentionMetadata:
     block_size: int
     decode_seq_lens: torch.Tensor | None = None  # [Bd] long: tokens in cache incl. the new one
     decode_slots: torch.Tensor | None = None  # [Bd] long: xtensor layout, each decode's range (no table, no mask)
+
+    def to(self, device: torch.device) -> "AttentionMetadata":
+        """The same metadata with its tensors on `device` (itself when they are there already)."""
+        if self.slot_mapping.device == device:
+            return self
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return AttentionMetadata(
+            move(self.slot_mapping), [p.to(device) for p in self.prefills], move(self.decode_rows),
+            move(self.decode_block_tables), move(self.decode_mask), self.block_size, move(self.decode_seq_lens),
+            move(self.decode_slots),
+        )
 
 
 def build_prefill(q_start: int, q_len: int, context_len: int, block_ids: torch.Tensor, slot: int | None = None) -> PrefillSeq:
@@ -54,8 +72,8 @@ def build_prefill(q_start: int, q_len: int, context_len: int, block_ids: torch.T
 
 def build_decode_mask(seq_lens: torch.Tensor, max_blocks: int, block_size: int, dtype: torch.dtype) -> torch.Tensor:
     """seq_lens: [Bd] tokens in cache including the new one -> additive mask [Bd, 1, 1, max_blocks*block_size]."""
-    k_pos = torch.arange(max_blocks * block_size).unsqueeze(0)
-    mask = torch.zeros(seq_lens.shape[0], max_blocks * block_size, dtype=dtype)
+    k_pos = torch.arange(max_blocks * block_size, device=seq_lens.device).unsqueeze(0)
+    mask = torch.zeros(seq_lens.shape[0], max_blocks * block_size, dtype=dtype, device=seq_lens.device)
     mask.masked_fill_(k_pos >= seq_lens.unsqueeze(1), float("-inf"))
     return mask.view(seq_lens.shape[0], 1, 1, -1)
 
@@ -97,16 +115,16 @@ def paged_attention(
 
     _attend_prefills(q, k, v, md, scale, out, gathered)
     if md.decode_rows.numel():
-        fast = None
+        decoded = None  # from the compiled kernel, when it takes this cache
         if md.decode_seq_lens is not None:
             only_decodes = not md.prefills  # then row i of q is decode i: no gather, no scatter
-            fast = cpu_kernels.paged_decode_attention(
+            decoded = cpu_kernels.paged_decode_attention(
                 q if only_decodes else q[md.decode_rows], kv_cache, md.decode_block_tables, md.decode_seq_lens, scale
             )
-            if fast is not None and only_decodes:
-                return fast
-        if fast is not None:
-            out[md.decode_rows] = fast
+            if decoded is not None and only_decodes:
+                return decoded
+        if decoded is not None:
+            out[md.decode_rows] = decoded
             return out
         # One query per sequence: the G = H / Hkv query heads sharing a KV head are stacked as G query
         # rows against that head's keys, so GQA needs no copy of K/V per query head.
@@ -162,15 +180,15 @@ def _range_attention(q, k, v, ranges, md: AttentionMetadata, scale: float) -> to
     if not md.decode_rows.numel():
         return out
     qd = q if only_decodes else q[md.decode_rows]
-    fast = cpu_kernels.range_decode_attention(qd, k_ranges, v_ranges, md.decode_slots, md.decode_seq_lens, scale)
-    if fast is None:  # torch: one SDPA per sequence over its range (no padding, no gather)
-        fast = torch.empty_like(qd)
+    decoded = cpu_kernels.range_decode_attention(qd, k_ranges, v_ranges, md.decode_slots, md.decode_seq_lens, scale)
+    if decoded is None:  # torch: one SDPA per sequence over its range (no padding, no gather)
+        decoded = torch.empty_like(qd)
         for i, (slot, length) in enumerate(zip(md.decode_slots.tolist(), md.decode_seq_lens.tolist())):
             ks, vs = _range_rows(k_ranges, slot, length), _range_rows(v_ranges, slot, length)
-            fast[i] = _sdpa(qd[i : i + 1], ks, vs, None, scale)[0]
+            decoded[i] = _sdpa(qd[i : i + 1], ks, vs, None, scale)[0]
     if only_decodes:
-        return fast
-    out[md.decode_rows] = fast
+        return decoded
+    out[md.decode_rows] = decoded
     return out
 
 
@@ -181,6 +199,6 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     v = v.repeat_interleave(groups, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * scale
     L = q.shape[0]
-    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
     scores = scores.masked_fill(~causal, float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v.float()).to(q.dtype)

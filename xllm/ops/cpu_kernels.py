@@ -119,10 +119,23 @@ def active() -> bool:
     return _enabled and _module is not None
 
 
+def _on_cpu(*tensors: torch.Tensor | None) -> bool:
+    """Whether every tensor given lives on the CPU: the kernels dereference host pointers, so any
+    other device (CUDA, meta) takes the torch path."""
+    return all(t is None or t.device.type == "cpu" for t in tensors)
+
+
+def _ready(*tensors: torch.Tensor | None) -> bool:
+    """The compiled kernels are on, and every tensor is one they can read."""
+    return _enabled and _module is not None and _on_cpu(*tensors)
+
+
 def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The compiled kernel itself: [M, K] x [N, K] -> [M, N] float32. Requires `load()`/`build()`."""
     if _module is None:
         raise RuntimeError("CPU kernels not loaded")
+    if not _on_cpu(x, w, bias):
+        raise ValueError("gemv: the CPU kernel needs CPU tensors")
     return _module.gemv(x, w, bias)
 
 
@@ -139,7 +152,7 @@ def prepack(w: torch.Tensor) -> torch.Tensor | None:
     gets it for middle batches (33-128 rows). A bfloat16 weight on a CPU without native bfloat16
     gets it for every batch past the skinny kernel: the copy holds the same values widened, so the
     product is the bfloat16 weights' with float32 arithmetic, at float32 speed."""
-    if w.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+    if not _on_cpu(w) or not torch.backends.mkldnn.is_available():
         return None
     if w.dtype == torch.bfloat16 and not native_bf16():
         w = w.float()
@@ -157,17 +170,15 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, p
     with a `prepack`ed weight, float32 up to `PACKED_MAX_ROWS` rows and bfloat16 (widened copy) at
     any size on oneDNN; else torch's matmul."""
     if (
-        _enabled
-        and _module is not None
+        _ready(x, w, bias)
         and x.dim() == 2
         and 0 < x.shape[0] <= GEMV_MAX_ROWS
-        and x.device.type == "cpu"
         and w.dtype in (torch.float32, torch.bfloat16)
         and x.dtype == w.dtype
         and w.is_contiguous()
     ):
         return _module.gemv(x, w, bias).to(x.dtype)
-    if packed is not None and x.dim() == 2:
+    if packed is not None and x.dim() == 2 and _on_cpu(x, bias):
         if x.dtype == torch.float32 and x.shape[0] <= PACKED_MAX_ROWS:
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
         if x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16:  # the widened copy (`prepack`)
@@ -181,7 +192,7 @@ def paged_decode_attention(
 ) -> torch.Tensor | None:
     """Decode attention read in place from the paged cache ([B, H, D] in q's dtype), or None when the
     kernels are off or the cache dtype is not theirs (the caller then runs the torch reference)."""
-    if not (_enabled and _module is not None and kv_cache.dtype in (torch.float32, torch.bfloat16)):
+    if not (_ready(q, kv_cache, block_tables, seq_lens) and kv_cache.dtype in (torch.float32, torch.bfloat16)):
         return None
     return _module.paged_decode_attention(q, kv_cache, block_tables, seq_lens, scale).to(q.dtype)
 
@@ -191,7 +202,7 @@ def range_decode_attention(
 ) -> torch.Tensor | None:
     """Decode attention read in place from xtensor ranges (`k_ranges`/`v_ranges` [slots, pages, block_size,
     Hkv, D] strided views; sequence i reads `seq_lens[i]` tokens of range `slots[i]`), or None for the torch path."""
-    if not (_enabled and _module is not None and k_ranges.dtype in (torch.float32, torch.bfloat16)):
+    if not (_ready(q, k_ranges, v_ranges, slots, seq_lens) and k_ranges.dtype in (torch.float32, torch.bfloat16)):
         return None
     return _module.range_decode_attention(q, k_ranges, v_ranges, slots, seq_lens, scale).to(q.dtype)
 
@@ -200,7 +211,7 @@ def rms_norm(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """Fused (x + residual) -> RMSNorm, float32 only; None when the torch path must run."""
-    if not (_enabled and _module is not None and x.dtype == torch.float32 and weight.dtype == torch.float32):
+    if not (_ready(x, residual, weight) and x.dtype == torch.float32 and weight.dtype == torch.float32):
         return None
     return _module.rms_norm(x, residual, weight, eps)
 
@@ -208,7 +219,7 @@ def rms_norm(
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for the merged [M, 2I] gate|up projection output, in one pass (float32
     kernel), else torch."""
-    if _enabled and _module is not None and gate_up.dim() == 2 and gate_up.dtype == torch.float32:
+    if _ready(gate_up) and gate_up.dim() == 2 and gate_up.dtype == torch.float32:
         return _module.silu_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
@@ -216,7 +227,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """Row-wise argmax of float32 logits [N, V] (torch's is a slow serial scan here), else torch."""
-    if _enabled and _module is not None and logits.dim() == 2 and logits.dtype == torch.float32 and logits.shape[1] > 0:
+    if _ready(logits) and logits.dim() == 2 and logits.dtype == torch.float32 and logits.shape[1] > 0:
         return _module.argmax_rows(logits)
     return logits.argmax(dim=-1)
 
@@ -224,7 +235,7 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
     """New K/V rows into one layer's cache (paged, or the xtensor pool's view) in one call; False
     when the torch path must run (kernels off, or rows whose values are not contiguous)."""
-    if not (_enabled and _module is not None and k.dtype == kv_cache.dtype and v.dtype == kv_cache.dtype):
+    if not (_ready(kv_cache, k, v, slot_mapping) and k.dtype == kv_cache.dtype and v.dtype == kv_cache.dtype):
         return False
     if (k.stride(-1) != 1 or v.stride(-1) != 1 or kv_cache.stride(-1) != 1 or kv_cache.stride(3) != kv_cache.shape[4]
             or k.stride(1) != k.shape[2] or v.stride(1) != v.shape[2]):
@@ -237,7 +248,7 @@ def decode_layer_ready(x: torch.Tensor) -> bool:
     """Whether `decode_layer` can run a decode batch of these hidden states (float32 or bfloat16,
     kernel-sized; bfloat16 states run through it in float32)."""
     return (
-        _enabled and _module is not None and hasattr(_module, "decode_layer")
+        _ready(x) and hasattr(_module, "decode_layer")
         and x.dtype in (torch.float32, torch.bfloat16)
         and x.dim() == 2 and 0 < x.shape[0] <= GEMV_MAX_ROWS
     )
@@ -246,12 +257,14 @@ def decode_layer_ready(x: torch.Tensor) -> bool:
 def decode_layer(x: torch.Tensor, residual: torch.Tensor | None, *args) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoder layer of a decode-only batch in one C++ call (csrc/decode_layer.cpp); the caller
     checks `decode_layer_ready` and that the layer's weights and cache qualify."""
+    if not _on_cpu(x, residual, *(a for a in args if isinstance(a, torch.Tensor))):
+        raise ValueError("decode_layer: the CPU kernel needs every tensor on the CPU")
     return _module.decode_layer(x, residual, *args)
 
 
 def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     """Rotary embedding in place on float32 q/k views; False when the torch path must run."""
-    if not (_enabled and _module is not None and q.dtype == torch.float32 and k.dtype == torch.float32):
+    if not (_ready(q, k, cos, sin) and q.dtype == torch.float32 and k.dtype == torch.float32):
         return False
     _module.rope_(q, k, cos, sin)
     return True

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from xllm.models.loader.errors import ModelLoadError
+from xllm.models.errors import ModelLoadError
 from xllm.models.loader.gguf_tokenizer import build_gguf_tokenizer
 
 logger = logging.getLogger(__name__)

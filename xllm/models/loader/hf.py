@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import torch
 
-from xllm.models.loader.errors import ModelLoadError
+from xllm.models.errors import ModelLoadError
 
 
 def read_json(path: str) -> dict:

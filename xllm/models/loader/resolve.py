@@ -15,7 +15,7 @@ import torch
 
 from xllm.config import default_cache_dir, dtype_name
 from xllm.models.catalog import CATALOG, find_model, installed_path, not_installed_message, sha256_file
-from xllm.models.loader.errors import ModelLoadError
+from xllm.models.errors import ModelLoadError
 from xllm.models.loader.gguf import CONVERSION_VERSION, convert_gguf_to_hf
 
 logger = logging.getLogger(__name__)

@@ -14,6 +14,7 @@
 namespace xllm {
 
 at::Tensor silu_mul(const at::Tensor& x) {
+  check_cpu("silu_mul", x);
   TORCH_CHECK(x.dim() == 2 && x.size(1) % 2 == 0 && x.scalar_type() == at::kFloat, "silu_mul: [M, 2I] float32");
   auto xc = x.contiguous();
   const int64_t M = xc.size(0), I = xc.size(1) / 2;
@@ -40,6 +41,7 @@ at::Tensor silu_mul(const at::Tensor& x) {
 }
 
 at::Tensor argmax_rows(const at::Tensor& x) {
+  check_cpu("argmax_rows", x);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) > 0, "argmax_rows: [M, V] float32");
   auto xc = x.contiguous();
   const int64_t M = xc.size(0), V = xc.size(1);

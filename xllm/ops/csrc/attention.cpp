@@ -251,6 +251,7 @@ at::Tensor run_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
                                   const at::Tensor& seq_lens, double scale) {
+  check_cpu("paged_decode_attention", q, kv_cache, block_tables, seq_lens);
   TORCH_CHECK(q.dim() == 3 && kv_cache.dim() == 5 && kv_cache.size(0) == 2, "paged_decode_attention: shapes");
   TORCH_CHECK(kv_cache.is_contiguous(), "paged_decode_attention: cache must be contiguous");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
@@ -274,6 +275,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kv_cach
 
 at::Tensor range_decode_attention(const at::Tensor& q, const at::Tensor& k_ranges, const at::Tensor& v_ranges,
                                   const at::Tensor& slots, const at::Tensor& seq_lens, double scale) {
+  check_cpu("range_decode_attention", q, k_ranges, v_ranges, slots, seq_lens);
   TORCH_CHECK(q.dim() == 3 && k_ranges.dim() == 5 && v_ranges.dim() == 5, "range_decode_attention: shapes");
   TORCH_CHECK(k_ranges.sizes() == v_ranges.sizes() && k_ranges.strides() == v_ranges.strides() &&
                   k_ranges.scalar_type() == v_ranges.scalar_type(),

@@ -15,6 +15,15 @@
 
 namespace xllm {
 
+// The kernels read host memory: every tensor they are handed must live on the CPU (a CUDA or meta
+// tensor's pointer is not one they can follow). The Python dispatchers send others to torch first.
+inline bool on_cpu(const at::Tensor& t) { return t.device().is_cpu(); }
+inline bool on_cpu(const c10::optional<at::Tensor>& t) { return !t.has_value() || t->device().is_cpu(); }
+template <typename... Ts>
+inline void check_cpu(const char* name, const Ts&... ts) {
+  TORCH_CHECK((on_cpu(ts) && ...), name, ": the CPU kernels take CPU tensors only");
+}
+
 #ifdef XLLM_AVX2
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const at::BFloat16* p) {

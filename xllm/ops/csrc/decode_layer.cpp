@@ -24,6 +24,8 @@ std::tuple<at::Tensor, at::Tensor> decode_layer(
     const at::Tensor& down_w, const at::Tensor& cos, const at::Tensor& sin, at::Tensor kv_cache,
     const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& slots, int64_t num_heads,
     int64_t num_kv_heads, double eps, double scale) {
+  check_cpu("decode_layer", x, residual, ln1, qkv_w, qkv_b, o_w, ln2, gate_up_w, down_w, cos, sin, kv_cache,
+            block_tables, seq_lens, slots);
   const int64_t M = x.size(0), H = num_heads, Hkv = num_kv_heads;
   const int64_t D = qkv_w.size(0) / (H + 2 * Hkv);
   TORCH_CHECK(x.dim() == 2 && qkv_w.size(0) == (H + 2 * Hkv) * D && o_w.size(1) == H * D, "decode_layer: shapes");

@@ -94,6 +94,7 @@ void gemv_dispatch(const float* x, const W* w, int64_t M, int64_t K, int64_t N, 
 // x [M, K] (any float dtype), w [N, K] float32 or bfloat16 contiguous, bias [N] or empty.
 // Returns [M, N] float32.
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  check_cpu("gemv", x, w, bias);
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "gemv: shapes");
   TORCH_CHECK(w.is_contiguous(), "gemv: weight must be contiguous");
   auto xf = x.to(at::kFloat).contiguous();

@@ -14,6 +14,7 @@
 namespace xllm {
 
 void write_kv(at::Tensor& cache, const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots) {
+  check_cpu("write_kv", cache, k, v, slots);
   TORCH_CHECK(cache.dim() == 5 && cache.size(0) == 2 && k.dim() == 3 && v.sizes() == k.sizes(), "write_kv: shapes");
   const int64_t NB = cache.size(1), BS = cache.size(2), Hkv = cache.size(3), D = cache.size(4), T = k.size(0);
   TORCH_CHECK(k.size(1) == Hkv && k.size(2) == D && slots.numel() == T && slots.scalar_type() == at::kLong,

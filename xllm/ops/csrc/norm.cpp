@@ -12,6 +12,7 @@ namespace xllm {
 
 std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
                                             const at::Tensor& weight, double eps) {
+  check_cpu("rms_norm", x, residual, weight);
   TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "rms_norm: float32 only");
   const int64_t N = weight.numel();
   TORCH_CHECK(x.size(-1) == N, "rms_norm: hidden size");

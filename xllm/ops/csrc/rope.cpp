@@ -37,6 +37,7 @@ void check(const at::Tensor& x, int64_t T, int64_t D) {
 }  // namespace
 
 void rope_(at::Tensor& q, at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin) {
+  check_cpu("rope_", q, k, cos, sin);
   const int64_t T = q.size(0), D = q.size(2);
   check(q, T, D);
   check(k, T, D);

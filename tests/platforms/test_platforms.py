@@ -1,0 +1,78 @@
+"""Picking the platform, and what each platform decides (dtype policy, memory, layouts)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from xllm.config import CacheConfig, EngineConfig
+from xllm.platforms import get_platform, resolve_device
+from xllm.platforms.cpu import CpuPlatform
+from xllm.platforms.cuda import CudaPlatform
+
+needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
+
+
+def cuda_policy() -> CudaPlatform:
+    """The CUDA platform's policy methods, without a GPU (nothing device-bound is touched)."""
+    return object.__new__(CudaPlatform)
+
+
+def test_device_names():
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="device must be one of"):
+        resolve_device("tpu")
+    with pytest.raises(ValueError, match="device must be one of"):
+        EngineConfig(device="gpu")
+    assert isinstance(get_platform("cpu"), CpuPlatform)
+
+
+@needs_no_gpu
+def test_cuda_without_a_gpu_is_a_clear_error():
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        resolve_device("cuda")
+    from xllm import LLM
+
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        LLM(device="cuda")
+
+
+def test_cpu_dtype_policy():
+    cpu = CpuPlatform()
+    assert cpu.resolve_dtype(None, None, is_gguf=True) is torch.float32
+    assert cpu.resolve_dtype(None, "float32", is_gguf=False) is torch.float32
+    assert cpu.resolve_dtype(None, "bfloat16", is_gguf=False) is torch.bfloat16
+    assert cpu.resolve_dtype(None, "float16", is_gguf=False) is torch.bfloat16  # half matmuls are slow on CPUs
+    assert cpu.resolve_dtype(torch.bfloat16, "float32", is_gguf=False) is torch.bfloat16
+    with pytest.raises(ValueError, match="float16 is not supported on cpu"):
+        cpu.resolve_dtype(torch.float16, None, is_gguf=True)
+
+
+def test_cuda_dtype_policy():
+    cuda = cuda_policy()
+    assert cuda.resolve_dtype(torch.float16, None, is_gguf=True) is torch.float16  # allowed on CUDA
+    assert cuda.resolve_dtype(None, "float16", is_gguf=False) is torch.float16
+    assert cuda.resolve_dtype(None, "bfloat16", is_gguf=False) is torch.bfloat16
+    assert cuda.resolve_dtype(None, "float32", is_gguf=False) is torch.bfloat16
+    assert cuda.resolve_dtype(torch.float32, "float32", is_gguf=False) is torch.float32
+
+
+def test_kv_cache_size_and_layouts():
+    cpu = CpuPlatform()
+    never = lambda: pytest.fail("the CPU does not profile")  # noqa: E731
+    assert cpu.kv_cache_bytes(CacheConfig(), never) == 2 << 30
+    assert cpu.kv_cache_bytes(CacheConfig(kv_cache_memory_gib=0.5), never) == 1 << 29
+    cpu.check(CacheConfig(kv_layout="xtensor"))
+    cuda = cuda_policy()
+    assert cuda.kv_cache_bytes(CacheConfig(kv_cache_memory_gib=1.0), never) == 1 << 30  # asked for: no profiling
+    with pytest.raises(ValueError, match="xtensor KV layout is not available on cuda"):
+        cuda.check(CacheConfig(kv_layout="xtensor"))
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        CacheConfig(gpu_memory_utilization=1.5)
+
+
+@pytest.mark.slow
+def test_the_engine_reports_its_device(smollm2_llm):
+    engine = smollm2_llm.engine
+    assert engine.platform.device == torch.device("cpu") and engine.runner.kv_caches[0].device.type == "cpu"

@@ -1,0 +1,78 @@
+"""The platform interface (one subclass per device kind: `cpu.py`, `cuda.py`)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+from xllm.config import CacheConfig, dtype_name
+
+logger = logging.getLogger(__name__)
+
+GIB = 1 << 30
+
+
+class Platform:
+    """What the engine asks of a device. Subclasses fill in the device-specific parts."""
+
+    name = "base"
+    # dtypes the model may run in here (weights, activations and KV cache)
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
+    # host memory for the KV tiers is page-locked, so copies to and from the device can be async
+    pin_memory = False
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.device})"
+
+    # ---- dtypes -----------------------------------------------------------------------------
+    def auto_dtype(self, checkpoint_dtype: str | None, is_gguf: bool) -> torch.dtype:
+        """The dtype for `--dtype auto`, from the checkpoint's own ("float32", "bfloat16", ...)."""
+        raise NotImplementedError
+
+    def resolve_dtype(self, requested: torch.dtype | None, checkpoint_dtype: str | None, is_gguf: bool) -> torch.dtype:
+        """The dtype to run in: the one asked for (None = auto), refused if this device cannot run it."""
+        dtype = requested if requested is not None else self.auto_dtype(checkpoint_dtype, is_gguf)
+        if dtype not in self.dtypes:
+            allowed = ", ".join(dtype_name(d) for d in self.dtypes)
+            raise ValueError(f"dtype {dtype_name(dtype)} is not supported on {self.name} (use one of: {allowed})")
+        return dtype
+
+    # the xTensor KV layout's page pool exists here (`new_page_pool`)
+    xtensor_pages = False
+
+    def check(self, cache: CacheConfig) -> None:
+        """Refuse settings this device cannot run, before anything loads."""
+        if cache.kv_layout == "xtensor" and not self.xtensor_pages:
+            raise ValueError(f"the xtensor KV layout is not available on {self.name} yet; use --kv-layout paged")
+
+    # ---- start-up ---------------------------------------------------------------------------
+    def init(self, num_threads: int | None, compiled_kernels: bool) -> None:
+        """Process-level set-up before the model loads: torch's CPU threads and the op table."""
+        if num_threads:
+            torch.set_num_threads(num_threads)
+
+    def prepare_model(self, model: torch.nn.Module, packed_weights: bool, huge_pages: bool) -> object | None:
+        """After loading: device-specific copies or placement of the weights. Returns what must be
+        kept alive with the model (the CPU's huge-page arena), or None."""
+        return None
+
+    # ---- memory -----------------------------------------------------------------------------
+    def kv_cache_bytes(self, cache: CacheConfig, profile_peak: Callable[[], int]) -> int:
+        """Bytes for the KV cache. `profile_peak()` runs the largest step once and returns the
+        activation bytes at its peak (used where memory is sized from what is free)."""
+        raise NotImplementedError
+
+    def new_page_pool(self, num_pages: int, page_bytes: int, range_pages: int, dtype: torch.dtype, num_slots: int):
+        """The xTensor layout's physical page pool with per-sequence virtual ranges."""
+        raise NotImplementedError
+
+    def memory_summary(self) -> str:
+        return ""
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (timing)."""
