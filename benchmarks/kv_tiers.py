@@ -35,17 +35,21 @@ from xllm.bench.results import command_line, raw_path, write_raw, write_summary
 
 
 def drop_page_cache(folder: str) -> int:
-    """Write back and drop every file under `folder` from the page cache; returns the file count."""
+    """Write back and drop every entry under `folder` (its fingerprint folders) from the page cache;
+    returns the file count."""
     os.sync()
     count = 0
-    for name in os.listdir(folder):
-        fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            count += 1
-        finally:
-            os.close(fd)
+    for root, _, names in os.walk(folder):
+        for name in names:
+            if not name.endswith(".kv"):
+                continue
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                count += 1
+            finally:
+                os.close(fd)
     return count
 
 
@@ -61,8 +65,10 @@ def measure(config: str, args, prefixes: list[list[int]], questions: list[list[i
         llm.generate([[1, 2, 3]], one)  # warm-up
         for p in prefixes:  # fill: each prefix computed once (with a throwaway question)
             llm.generate([p + [7] * 8], one)
+        if config == "disk (cold)":
+            llm.engine.runner.kv_connector.flush()  # the writer thread has written every entry
         dropped = drop_page_cache(disk) if config == "disk (cold)" else 0
-        tiers = llm.engine.kv.tiers
+        tiers = llm.engine.kv.connector
         before = dict(tiers.hits) if tiers else {}
         ttft, cached = [], []
         for p, q in zip(prefixes, questions):

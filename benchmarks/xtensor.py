@@ -67,12 +67,11 @@ def time_ms(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def attention_all_layers(runner: ModelRunner, so: SchedulerOutput):
+def attention_all_layers(runner: ModelRunner, step: SchedulerOutput):
     arch = runner.arch
-    inputs = runner.layout(so)
-    runner._bind(so, inputs, None)
+    inputs = runner._bind(step, runner.layout(step), None, {})
     md = inputs.md
-    b = len(so.scheduled)
+    b = len(step.scheduled)
     q = torch.randn(b, arch.num_attention_heads, arch.head_dim, dtype=runner.dtype)
     k = torch.randn(b, arch.num_key_value_heads, arch.head_dim, dtype=runner.dtype)
     scale = arch.head_dim**-0.5
@@ -122,15 +121,15 @@ def main(argv: list[str] | None = None) -> int:
         cpu_kernels.set_enabled(kernels)
         for context in contexts:
             for batch in batches:
-                so = decode_step(batch, context, args.block_size, num_blocks)
+                step_out = decode_step(batch, context, args.block_size, num_blocks)
                 fns = {}
                 for layout, runner in runners.items():
                     def step(runner=runner):
                         runner.bind_cache()
-                        runner.execute(so)
+                        runner.execute(step_out)
                     fns[(layout, "step")] = step
                     runner.bind_cache()
-                    fns[(layout, "attention")] = attention_all_layers(runner, so)
+                    fns[(layout, "attention")] = attention_all_layers(runner, step_out)
                 times: dict = {key: [] for key in fns}
                 for _ in range(args.repeats):  # interleaved: each repeat times every variant once
                     for key, fn in fns.items():
@@ -139,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 mappings = pool_mappings() - 1
                 pool.check_invariants()
                 for layout in runners:
-                    runners[layout].release([item.request_id for item in so.scheduled])
+                    runners[layout].release([item.request_id for item in step_out.scheduled])
                 entry = {
                     "path": "kernels" if kernels else "torch", "batch": batch, "context": context,
                     **{f"{layout}_{what}_ms": round(med[(layout, what)], 3) for layout in LAYOUTS for what in ("step", "attention")},

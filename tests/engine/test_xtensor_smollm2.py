@@ -85,7 +85,7 @@ def test_xtensor_with_a_host_tier():
         llm.generate([p], PARAMS)
     assert llm.engine.kv.pool.num_evictions > 0
     again = llm.generate(prompts[:1], PARAMS)
-    assert llm.engine.kv.tiers.hits["host"] >= 5
+    assert llm.engine.kv.connector.hits["host"] >= 5
     assert_same(again, cold)
 
 

@@ -82,15 +82,15 @@ def test_manager_reuses_full_computed_blocks_and_leaves_one_token():
     assert kv.allocate_slots("a", 10)
     kv.cache_computed("a", prompt, 10)
     assert kv.num_cached_blocks("a") == 2
-    hits = kv.find_cached_prefix("b", prompt)
+    hits = kv.find_cached_prefix("b", prompt).blocks
     assert hits == kv.block_ids("a")[:2]
     assert kv.allocate_slots("b", 11, hits)
     assert kv.block_ids("b")[:2] == hits and kv.pool.ref_counts[hits[0]] == 2
     # A prompt of exactly two full blocks may reuse only the first: its last token is computed.
-    assert kv.find_cached_prefix("c", prompt[:8]) == hits[:1]
+    assert kv.find_cached_prefix("c", prompt[:8]).blocks == hits[:1]
     kv.free("a")
     kv.free("b")
-    assert kv.pool.num_free == 10 and kv.find_cached_prefix("d", prompt) == hits
+    assert kv.pool.num_free == 10 and kv.find_cached_prefix("d", prompt).blocks == hits
     kv.check_invariants()
 
 
@@ -100,7 +100,7 @@ def test_refused_allocation_with_hits_changes_nothing():
     kv.cache_computed("a", [1, 2, 3, 4], 4)
     kv.free("a")  # both blocks free but cached
     kv.allocate_slots("x", 4)  # takes the two other free blocks
-    hits = kv.find_cached_prefix("b", [1, 2, 3, 4, 5])
+    hits = kv.find_cached_prefix("b", [1, 2, 3, 4, 5]).blocks
     assert len(hits) == 2
     # b needs 2 hits + 2 fresh blocks, and taking the hits leaves 0 free: refused.
     assert not kv.allocate_slots("b", 8, hits)
@@ -115,7 +115,7 @@ def test_only_computed_blocks_are_cached():
     kv.allocate_slots("a", 8)
     kv.cache_computed("a", list(range(8)), 5)  # second block allocated but not computed
     assert kv.num_cached_blocks("a") == 1
-    assert len(kv.find_cached_prefix("b", list(range(9)))) == 1
+    assert len(kv.find_cached_prefix("b", list(range(9))).blocks) == 1
 
 
 # ---- scheduler ----------------------------------------------------------------------------------

@@ -1,66 +1,208 @@
-"""The host and disk tiers under the prefix cache."""
+"""The host and disk tiers under the prefix cache: a KV connector (scheduler side, worker side, disk)."""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import threading
 
 import pytest
 import torch
 
+from xllm.config import SchedulerConfig
 from xllm.kv.block_hash import ROOT, extend_hashes, hash_block
+from xllm.kv.connector import KVConnectorOutput
 from xllm.kv.manager import KVCacheManager
-from xllm.kv.tiers import DiskTier, KVTiers
+from xllm.kv.tiers import build_tiers
+from xllm.kv.tiers import disk as disk_module
+from xllm.kv.tiers.disk import DiskStore, encode_entry, read_entry
+from xllm.kv.tiers.scheduler import TierScheduler
+from xllm.sampling_params import SamplingParams
+from xllm.scheduler.output import RunnerOutput
+from xllm.scheduler.request import Request, RequestStatus
+from xllm.scheduler.scheduler import Scheduler
+
+FP = (b"F" * 16, {"test": True})
 
 
 def h(i: int) -> bytes:
     return hash_block(ROOT, [i])
 
 
-# ---- disk ---------------------------------------------------------------------------------------
-def test_disk_round_trip_and_reopen(tmp_path):
-    disk = DiskTier(str(tmp_path), 1 << 20)
-    disk.put(h(1), b"abc" * 100)
-    assert disk.get(h(1)) == b"abc" * 100 and disk.get(h(2)) is None
-    again = DiskTier(str(tmp_path), 1 << 20)  # a restart finds the entry
-    assert again.get(h(1)) == b"abc" * 100
+# ---- the disk folder and its entries ------------------------------------------------------------
+def store(root, fingerprint=FP[0], payload_bytes=300, queue=1 << 20) -> DiskStore:
+    return DiskStore(str(root), fingerprint, {"test": True}, payload_bytes, queue)
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage"])
-def test_damaged_entry_is_detected_deleted_and_never_used(tmp_path, damage):
-    disk = DiskTier(str(tmp_path), 1 << 20)
-    disk.put(h(1), bytes(range(256)) * 8)
-    path = tmp_path / (h(1).hex() + ".kv")
-    data = bytearray(path.read_bytes())
+def read(disk: DiskStore, block_hash: bytes) -> bytes | None:
+    got, done = [], threading.Event()
+    disk.read(block_hash, got.append, lambda ok: done.set())
+    assert done.wait(5)
+    return got[0] if got else None
+
+
+def test_disk_round_trip_and_a_restart_finds_its_entries(tmp_path):
+    disk = store(tmp_path)
+    disk.write(h(1), b"abc" * 100)
+    assert read(disk, h(1)) == b"abc" * 100  # served from the write queue or the file
+    disk.flush()
+    folder = disk.folder
+    assert os.path.dirname(folder) == str(tmp_path) and os.path.basename(folder) == FP[0].hex()
+    disk.close()
+    again = store(tmp_path)  # a restart: the same folder, its entries indexed
+    assert again.folder == folder and again.scan() == [h(1)]
+    assert read(again, h(1)) == b"abc" * 100
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage", "foreign", "size"])
+def test_damaged_or_foreign_entry_is_a_miss_and_is_deleted(tmp_path, damage):
+    disk = store(tmp_path)
+    payload = bytes(range(100)) * 3
+    disk.write(h(1), payload)
+    disk.flush()
+    path = disk.path(h(1))
+    data = bytearray(open(path, "rb").read())
     if damage == "flip":
         data[-100] ^= 0xFF
     elif damage == "truncate":
         data = data[: len(data) // 2]  # a torn write
-    else:
+    elif damage == "garbage":
         data = bytearray(b"not a kv entry")
-    path.write_bytes(bytes(data))
-    assert disk.get(h(1)) is None
-    assert disk.num_corrupt == 1 and not path.exists() and h(1) not in disk
+    elif damage == "foreign":  # whole and checksummed, but written under another fingerprint
+        data = bytearray(encode_entry(b"G" * 16, payload))
+    else:  # another block size or model: whole, ours, but not a block here
+        data = bytearray(encode_entry(FP[0], payload + b"x"))
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+    assert read_entry(path, FP[0], len(payload)) is None
+    assert read(disk, h(1)) is None
+    disk.flush()
+    assert disk.num_corrupt == 1 and not os.path.exists(path)
 
 
-def test_unfinished_write_is_cleaned_up_at_start(tmp_path):
-    (tmp_path / (h(3).hex() + ".kv.123.tmp")).write_bytes(b"half")
-    disk = DiskTier(str(tmp_path), 1 << 20)
-    assert len(disk) == 0 and os.listdir(tmp_path) == []
+def test_leftovers_of_an_unfinished_write_are_deleted_at_start(tmp_path):
+    folder = tmp_path / FP[0].hex()
+    folder.mkdir()
+    (folder / (h(3).hex() + ".kv.123.tmp")).write_bytes(b"half")
+    disk = store(tmp_path)
+    assert disk.scan() == [] and sorted(os.listdir(folder)) == [".lock", "fingerprint.json"]
 
 
-def test_disk_respects_its_bound_oldest_first(tmp_path):
-    payload = b"x" * 1000
-    disk = DiskTier(str(tmp_path), 5 * 1100)
-    for i in range(20):
-        disk.put(h(i), payload)
-        assert disk.used_bytes <= 5 * 1100
-        on_disk = sum(f.stat().st_size for f in tmp_path.iterdir())
-        assert on_disk == disk.used_bytes
-    assert [i for i in range(20) if h(i) in disk] == [15, 16, 17, 18, 19]
-    assert DiskTier(str(tmp_path), 2 * 1100).used_bytes <= 2 * 1100  # a smaller bound at restart trims
+def test_a_folder_of_another_fingerprint_is_never_read(tmp_path):
+    first = store(tmp_path, b"A" * 16)
+    first.write(h(1), b"x" * 300)
+    first.close()
+    other = store(tmp_path, b"B" * 16)  # another model, dtype, block size, layout or rank
+    assert other.folder != first.folder and other.scan() == []
+    assert read(other, h(1)) is None
 
 
-# ---- host + disk over a fake model's cache ----------------------------------------------------
+def test_each_live_instance_has_its_own_folder(tmp_path):
+    first, second = store(tmp_path), store(tmp_path)
+    assert first.folder != second.folder  # same fingerprint, another live process: <fp>.1
+    first.write(h(1), b"a" * 300)
+    second.write(h(1), b"b" * 300)
+    first.flush()
+    second.flush()
+    assert read(first, h(1)) == b"a" * 300 and read(second, h(1)) == b"b" * 300
+    second.close()
+    assert store(tmp_path).folder == second.folder  # a free folder is taken again
+
+
+def test_a_killed_instance_leaves_its_folder_to_the_next_one(tmp_path):
+    """The folder lock is an flock: the kernel drops it when its holder dies, even by SIGKILL."""
+    code = (
+        "import sys, time; from xllm.kv.tiers.disk import DiskStore;"
+        f"d = DiskStore({str(tmp_path)!r}, b'F' * 16, {{}}, 300, 1 << 20); print(d.folder, flush=True); time.sleep(60)"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        held = child.stdout.readline().strip()
+        assert store(tmp_path).folder != held  # taken while it lives
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+    assert store(tmp_path).folder == held
+
+
+def test_writes_past_the_queue_bound_are_reported_lost(tmp_path, monkeypatch):
+    gate = threading.Event()
+    disk = store(tmp_path, queue=700)
+    real = disk._write
+    monkeypatch.setattr(disk, "_write", lambda *args: (gate.wait(5), real(*args)))
+    for i in range(4):
+        disk.write(h(i), b"x" * 300)  # 300 bytes each: the third and fourth do not fit
+    gate.set()
+    disk.flush()
+    assert disk.take_lost() == [h(2), h(3)]
+    assert sorted(disk.scan()) == sorted([h(0), h(1)])
+
+
+# ---- the scheduler side alone -------------------------------------------------------------------
+def kinds(meta):
+    return [(t.kind, t.block, t.slot) for t in meta.transfers]
+
+
+def test_saves_spill_the_least_recent_host_entry_and_disk_keeps_its_bound():
+    tiers = TierScheduler(2, host_tier=True, disk_entry_bytes=100, disk_limit=300)
+    for b in range(6):
+        tiers.on_evict(b, h(b))
+        tiers.check_invariants()
+    meta = tiers.take_meta()
+    # host holds 2: each further save first spills the oldest host entry; disk keeps 3, oldest deleted
+    assert [t.kind for t in meta.transfers] == ["save", "save", "spill", "save", "spill", "save", "spill", "save",
+                                                "spill", "delete", "save"]
+    assert [tiers.tier_of(h(b)) for b in range(6)] == [None, "disk", "disk", "disk", "host", "host"]
+    assert tiers.disk_bytes == 300
+    tiers.on_evict(9, h(4))  # already in the host tier: nothing to save
+    assert not tiers.take_meta().transfers
+
+
+def test_disk_only_spills_each_save_at_once_through_a_staging_slot():
+    tiers = TierScheduler(1, host_tier=False, disk_entry_bytes=100, disk_limit=1000)
+    tiers.on_evict(0, h(0))
+    tiers.on_evict(1, h(1))
+    assert kinds(tiers.take_meta()) == [("save", 0, 0), ("spill", -1, 0), ("save", 1, 0), ("spill", -1, 0)]
+    assert tiers.tier_of(h(0)) == tiers.tier_of(h(1)) == "disk"
+    tiers.check_invariants()
+
+
+def test_fetch_reads_into_the_slots_it_can_take_and_keeps_its_chain():
+    """`fetch` keeps the host entries of the chain it is given (the caller records the loads of the
+    leading ones first and does not pass them, so their slots may be reused) and reads only into
+    slots it can take."""
+    tiers = TierScheduler(3, host_tier=True, disk_entry_bytes=100, disk_limit=10_000, disk_entries=[h(i) for i in range(1, 6)])
+    tiers.on_evict(0, h(0))
+    tiers.take_meta()
+    assert tiers.available([h(i) for i in range(6)]) == 1
+    assert tiers.fetch([h(i) for i in range(6)])  # pending
+    meta = tiers.take_meta()
+    assert [t.kind for t in meta.transfers] == ["read", "read"]  # 2 free slots; h(0)'s is kept
+    assert tiers.tier_of(h(0)) == "host"
+    tiers.update(KVConnectorOutput(finished_reads=[(t.block_hash, t.slot, True) for t in meta.transfers]))
+    assert tiers.available([h(i) for i in range(6)]) == 3
+    assert tiers.fetch([h(i) for i in range(3, 6)])  # h(0..2) are loaded first: their slots take the reads
+    assert [t.kind for t in tiers.take_meta().transfers] == ["spill", "read", "read", "read"]  # h(0) was not on disk
+    tiers.check_invariants()
+    small = TierScheduler(1, host_tier=True, disk_entry_bytes=100, disk_limit=10_000, disk_entries=[h(2)])
+    small.on_evict(0, h(1))
+    small.take_meta()
+    assert not small.fetch([h(1), h(2)])  # the one slot holds the chain's h(1): nothing to read into
+    assert not small.take_meta().transfers and small.tier_of(h(1)) == "host"
+
+
+def test_a_damaged_read_frees_its_slot_and_forgets_the_entry():
+    tiers = TierScheduler(2, host_tier=True, disk_entry_bytes=100, disk_limit=10_000, disk_entries=[h(1)])
+    assert tiers.available([h(1)]) == 0 and tiers.fetch([h(1)])
+    (read_op,) = tiers.take_meta().transfers
+    tiers.update(KVConnectorOutput(finished_reads=[(h(1), read_op.slot, False)]))
+    assert tiers.tier_of(h(1)) is None and tiers.num_corrupt == 1 and not tiers.reads_pending
+    tiers.check_invariants()
+
+
+# ---- both sides over a fake model's cache -------------------------------------------------------
 def caches(num_blocks=8, layers=3):
     g = torch.Generator().manual_seed(0)
     return [torch.randn(2, num_blocks, 4, 2, 8, generator=g) for _ in range(layers)]
@@ -70,170 +212,183 @@ def block(kv, b):
     return torch.stack([c[:, b] for c in kv])
 
 
-def test_demote_promote_through_host_then_disk(tmp_path):
-    kv = caches()
-    per_block = block(kv, 0).numel() * 4
-    tiers = KVTiers(kv, host_blocks=2, disk_folder=str(tmp_path), disk_bytes=10 * (per_block + 64))
-    originals = {b: block(kv, b).clone() for b in range(4)}
-    for b in range(4):
-        tiers.demote(b, h(b))  # host holds 2; the two oldest went to disk
-    assert [tiers.tier_of(h(b)) for b in range(4)] == ["disk", "disk", "host", "host"]
-    for b in range(8):
-        for c in kv:
-            c[:, b].zero_()
-    for b in (3, 2, 1, 0):  # host entries first (a disk hit moves its entry up to the host tier)
-        assert tiers.promote(h(b), b + 4)
-        assert torch.equal(block(kv, b + 4), originals[b])
-    assert tiers.hits == {"host": 2, "disk": 2}
-    assert not tiers.promote(h(99), 0)
+def block_bytes(kv):
+    return block(kv, 0).numel() * 4
 
 
-def test_manager_promotes_lower_tier_hits_into_free_blocks():
-    kv = caches(num_blocks=6)
-    tiers = KVTiers(kv, host_blocks=8)
-    m = KVCacheManager(6, block_size=4, tiers=tiers)
-    prompt = list(range(100, 113))  # 3 full blocks + 1
-    assert m.allocate_slots("a", 13)
-    m.cache_computed("a", prompt, 13)
-    content = [block(kv, b).clone() for b in m.block_ids("a")[:3]]
+def tiered(kv, host_blocks=8, disk=None, disk_blocks=64):
+    bb = block_bytes(kv)
+    return build_tiers(kv, host_blocks * bb, str(disk) if disk else None, disk_blocks * (bb + 64) if disk else 0, FP)
+
+
+def run(manager, worker, nothing_else_runs=False):
+    """What the runner does for a step: the transfers, then the report back."""
+    worker.execute(manager.take_connector_meta(nothing_else_runs))
+    manager.connector_update(worker.take_output())
+
+
+def cache_prompt(m, kv, rid, prompt):
+    m.allocate_slots(rid, len(prompt))
+    m.cache_computed(rid, prompt, len(prompt))
+    return [block(kv, b).clone() for b in m.block_ids(rid)[: len(prompt) // m.block_size]]
+
+
+def test_blocks_go_down_to_host_then_disk_and_come_back(tmp_path):
+    kv = caches(num_blocks=4)
+    tiers, worker = tiered(kv, host_blocks=2, disk=tmp_path)
+    m = KVCacheManager(4, block_size=4, connector=tiers)
+    prompt = list(range(100, 117))  # 4 full blocks + 1
+    content = cache_prompt(m, kv, "a", prompt[:16])
     m.free("a")
-    assert m.allocate_slots("x", 24)  # takes all 6 blocks: a's cached blocks are evicted, demoted
-    assert len(tiers._host_index) == 3
-    m.free("x")  # x never cached anything
-    hits = m.find_cached_prefix("b", prompt)
-    assert len(hits) == 3 and tiers.hits["host"] == 3
-    for b, want in zip(hits, content):
+    m.allocate_slots("x", 16)  # takes all 4 blocks: a's are saved below, tail first, so the tail goes on to disk
+    run(m, worker)
+    worker.flush()
+    hashes = []
+    extend_hashes(hashes, prompt, 4, 4, None)
+    assert [tiers.tier_of(hh) for hh in hashes] == ["host", "host", "disk", "disk"]
+    m.free("x")
+    for c in kv:
+        c.zero_()
+    got = m.find_cached_prefix("b", prompt)
+    # the host entries are loaded now; the chain goes on into disk entries: reads start, the request waits
+    assert got.pending and len(got.blocks) == 2
+    run(m, worker, nothing_else_runs=True)
+    worker.flush()
+    run(m, worker)  # the finished reads reported
+    got = m.find_cached_prefix("b", prompt)
+    assert not got.pending and len(got.blocks) == 4
+    run(m, worker)  # the loads
+    for b, want in zip(got.blocks, content):
         assert torch.equal(block(kv, b), want)
-    assert m.allocate_slots("b", 14, hits)
+    assert tiers.hits == {"host": 2, "disk": 2}
     m.check_invariants()
+    tiers.check_invariants()
 
 
 def test_promotion_never_evicts_its_own_chain():
     kv = caches(num_blocks=2)
-    tiers = KVTiers(kv, host_blocks=8)
-    m = KVCacheManager(2, block_size=4, tiers=tiers)
+    tiers, worker = tiered(kv)
+    m = KVCacheManager(2, block_size=4, connector=tiers)
     prompt = list(range(17))  # 4 full blocks + 1
     hashes = []
     extend_hashes(hashes, prompt, 4, 4, None)
     for i, hsh in enumerate(hashes):
-        tiers.demote(i % 2, hsh)  # all four in the host tier
-    hits = m.find_cached_prefix("b", prompt)
-    assert len(hits) == 2 and len(set(hits)) == 2  # a third promotion would evict the first
-    assert [m.pool.block_hash[b] for b in hits] == hashes[:2]
+        tiers.on_evict(i % 2, hsh)  # all four in the host tier
+    run(m, worker)
+    got = m.find_cached_prefix("b", prompt)
+    assert len(got.blocks) == 2 and len(set(got.blocks)) == 2  # a third promotion would evict the first
+    assert [m.pool.block_hash[b] for b in got.blocks] == hashes[:2]
     m.check_invariants()
 
 
-def test_disk_reads_run_in_the_background_and_the_request_waits(tmp_path, monkeypatch):
-    import threading
-
-    import xllm.kv.tiers as tiers_module
-
-    gate = threading.Event()
-    real_read = tiers_module.read_entry
-
-    def slow_read(path):
-        gate.wait(5)
-        return real_read(path)
-
-    monkeypatch.setattr(tiers_module, "read_entry", slow_read)
+def test_a_failing_promotion_leaks_no_pinned_block(monkeypatch):
+    """The device part of the chain is pinned while promotions allocate; an error in the middle
+    unpins it, frees and un-files what it promoted, and the lookup answers with the device part."""
     kv = caches(num_blocks=6)
-    tiers = KVTiers(kv, host_blocks=0, disk_folder=str(tmp_path), disk_bytes=1 << 24)
-    m = KVCacheManager(6, block_size=4, tiers=tiers)
-    prompt = list(range(100, 113))
-    m.allocate_slots("a", 13)
-    m.cache_computed("a", prompt, 13)
-    content = [block(kv, b).clone() for b in m.block_ids("a")[:3]]
+    tiers, worker = tiered(kv)
+    m = KVCacheManager(6, block_size=4, connector=tiers)
+    prompt = list(range(100, 117))
+    cache_prompt(m, kv, "a", prompt[:16])
     m.free("a")
-    m.allocate_slots("x", 24)  # evicts a's blocks: demoted straight to disk (no host tier)
+    assert m.allocate_slots("x", 16)  # the two never-used blocks, then a's two coldest (tail) ones: saved below
     m.free("x")
-    assert len(tiers.disk) == 3
-    hits = m.find_cached_prefix("b", prompt, wait_for_loads=False)
-    assert hits == [] and m.loads_pending  # reads started, nothing promoted yet
-    gate.set()
-    for f in list(tiers._loading.values()):
-        f.result(5)
-    hits = m.find_cached_prefix("b", prompt, wait_for_loads=False)
-    assert len(hits) == 3 and not m.loads_pending and tiers.hits["disk"] == 3
-    for b, want in zip(hits, content):
-        assert torch.equal(block(kv, b), want)
+    run(m, worker)
+    calls = []
+
+    def load(block_hash, b):
+        calls.append(b)
+        if len(calls) == 2:
+            raise RuntimeError("injected: the tier failed")
+        return real_load(block_hash, b)
+
+    real_load = tiers.load
+    monkeypatch.setattr(tiers, "load", load)
+    got = m.find_cached_prefix("b", prompt)
+    assert len(calls) == 2 and m.num_promotion_errors == 1
+    assert len(got.blocks) == 2 and not got.pending  # the device hits only; the rest is recomputed
+    assert m.num_free_blocks == 6 and all(m.pool.block_hash[b] is None for b in calls)
+    m.check_invariants()
+    assert m.allocate_slots("b", 17, got.blocks)
     m.check_invariants()
 
 
-def test_scheduler_lets_a_request_wait_for_its_disk_reads_while_others_run(tmp_path, monkeypatch):
-    import threading
+def request(rid, tokens, max_tokens):
+    return Request(rid, tokens, SamplingParams(max_tokens=max_tokens), frozenset(), max_tokens)
 
-    import xllm.kv.tiers as tiers_module
-    from xllm.config import SchedulerConfig
-    from xllm.sampling_params import SamplingParams
-    from xllm.scheduler.output import RunnerOutput
-    from xllm.scheduler.request import Request
-    from xllm.scheduler.scheduler import Scheduler
 
+def test_a_request_waits_for_its_disk_reads_in_a_state_of_its_own_while_others_run(tmp_path, monkeypatch):
     gate = threading.Event()
-    real_read = tiers_module.read_entry
-    monkeypatch.setattr(tiers_module, "read_entry", lambda path: (gate.wait(5), real_read(path))[1])
-    kv = caches(num_blocks=8)
-    tiers = KVTiers(kv, host_blocks=0, disk_folder=str(tmp_path), disk_bytes=1 << 24)
-    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64), KVCacheManager(8, 4, tiers=tiers))
+    real_read = disk_module.read_entry
+    monkeypatch.setattr(disk_module, "read_entry", lambda *args: (gate.wait(5), real_read(*args))[1])
+    kv = caches(num_blocks=9)
+    tiers, worker = tiered(kv, host_blocks=0, disk=tmp_path)  # disk only: a small staging pool
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64), KVCacheManager(9, 4, connector=tiers))
     prompt = list(range(100, 113))
-
-    def request(rid, tokens, max_tokens):
-        return Request(rid, tokens, SamplingParams(max_tokens=max_tokens), frozenset(), max_tokens)
 
     def step():
         out = sched.schedule()
-        sched.update(out, RunnerOutput({s.request_id: 7 for s in out.scheduled if s.sample}))
+        worker.execute(out.kv_meta)
+        result = RunnerOutput({s.request_id: 7 for s in out.scheduled if s.sample}, kv_output=worker.take_output())
+        sched.update(out, result)
         return {s.request_id: (s.start_pos, len(s.token_ids)) for s in out.scheduled}
 
     sched.add(request("a", prompt, 1))
     step()  # a computed, cached, finished
-    sched.add(request("big", list(range(500, 528)), 30))  # 7 blocks: evicts a's blocks to disk
+    sched.add(request("big", list(range(500, 528)), 30))  # 7 blocks: evicts a's third full block to disk
     step()
-    assert len(tiers.disk) == 2  # a's first block is still on the device, the other two went to disk
+    assert tiers.num_disk_entries == 1
     sched.add(request("b", prompt, 1))
-    assert step() == {"big": (28, 1)}  # b's reads are in flight: it waits, big decodes
+    sched.add(request("c", list(range(900, 903)), 1))
+    # big's decode evicts a's second block; b starts reading its chain and waits; c is admitted
+    # past it (and evicts a's first block)
+    assert step() == {"big": (28, 1), "c": (0, 3)}
+    assert sched.requests["b"].status is RequestStatus.WAITING_FOR_KV
     gate.set()
-    for f in list(tiers._loading.values()):
-        f.result(5)
+    worker.flush()
     sched.abort("big")
-    got = step()
-    # big's first decode took the last free block, evicting a's first block to disk as well.
+    for _ in range(4):  # the reads are reported, then what c's and big's blocks evicted is read too
+        got = step()
+        if got:
+            break
+    # every full block of b's prompt came back from disk
     assert got == {"b": (12, 1)} and tiers.hits["disk"] == 3
+    tiers.check_invariants()
 
 
-def test_promotion_skips_blocks_the_step_in_flight_writes():
-    """While a step computes, a request in it may be freed (a stop, a preemption) and its blocks
-    with it; the step still writes them, so promotions (the next step being scheduled) keep out."""
+def test_an_abandoned_read_ends_in_its_slot_and_holds_nothing(tmp_path, monkeypatch):
+    gate = threading.Event()
+    real_read = disk_module.read_entry
+    monkeypatch.setattr(disk_module, "read_entry", lambda *args: (gate.wait(5), real_read(*args))[1])
     kv = caches(num_blocks=4)
-    tiers = KVTiers(kv, host_blocks=8)
-    prompt = list(range(9))  # 2 full blocks + 1
-    hashes = []
-    extend_hashes(hashes, prompt, 4, 2, None)
-    for i, hsh in enumerate(hashes):
-        tiers.demote(i, hsh)
-    m = KVCacheManager(4, block_size=4, tiers=tiers)
-    m.busy_blocks = frozenset({0, 1})  # the coldest free blocks
-    hits = m.find_cached_prefix("b", prompt)
-    assert hits == [2, 3]
-    m2 = KVCacheManager(4, block_size=4, tiers=tiers)
-    m2.busy_blocks = frozenset({0, 1, 2})
-    assert m2.find_cached_prefix("c", prompt) == [3]  # one block left to promote into
-    m.check_invariants()
-    m2.check_invariants()
+    tiers, worker = tiered(kv, host_blocks=0, disk=tmp_path)
+    m = KVCacheManager(4, block_size=4, connector=tiers)
+    prompt = list(range(100, 117))
+    cache_prompt(m, kv, "a", prompt[:16])
+    m.free("a")
+    m.allocate_slots("x", 16)
+    run(m, worker)
+    m.free("x")
+    assert m.find_cached_prefix("b", prompt).pending
+    run(m, worker)  # the reads start; "b" goes away before they finish
+    assert worker.reads_in_flight > 0
+    gate.set()
+    worker.flush()
+    run(m, worker)
+    assert worker.reads_in_flight == 0 and not tiers.reads_pending
+    tiers.check_invariants()  # every staging slot is free or an ordinary (evictable) host entry
+    for i in range(20):  # later saves reuse those slots
+        tiers.on_evict(0, h(1000 + i))
+    run(m, worker)
+    tiers.check_invariants()
 
 
 def test_a_preempted_request_resumes_from_the_host_tier():
     """Preemption with a host tier: the victim's computed full blocks stay cached, go down to the
     host tier when another request needs the room, and come back when it is readmitted; only
     its last, partial block is recomputed."""
-    from xllm.config import SchedulerConfig
-    from xllm.sampling_params import SamplingParams
-    from xllm.scheduler.output import RunnerOutput
-    from xllm.scheduler.request import Request, RequestStatus
-    from xllm.scheduler.scheduler import Scheduler
-
     kv = caches(num_blocks=5)
-    m = KVCacheManager(5, block_size=4, tiers=KVTiers(kv, host_blocks=16))
+    tiers, worker = tiered(kv, host_blocks=16)
+    m = KVCacheManager(5, block_size=4, connector=tiers)
     s = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8), m)
     s.add(Request("a", list(range(1, 9)), SamplingParams(max_tokens=8), frozenset(), 8))  # grows to 4 of the 5 blocks
     s.add(Request("b", list(range(100, 109)), SamplingParams(max_tokens=3), frozenset(), 3))
@@ -243,11 +398,12 @@ def test_a_preempted_request_resumes_from_the_host_tier():
         if not s.has_unfinished():
             break
         out = s.schedule()
+        worker.execute(out.kv_meta)
         for item in out.scheduled:
             if item.request_id == "b" and b.num_preemptions and not computed_at_readmission:
                 computed_at_readmission.append(item.start_pos)
-        s.update(out, RunnerOutput({i.request_id: 7 for i in out.scheduled if i.sample}))
+        s.update(out, RunnerOutput({i.request_id: 7 for i in out.scheduled if i.sample}, kv_output=worker.take_output()))
     assert b.num_preemptions == 1 and b.status is RequestStatus.FINISHED and len(b.output_token_ids) == 3
-    assert m.tiers.hits["host"] >= 1  # a evicted b's cached blocks: they were demoted, then promoted back
+    assert tiers.hits["host"] >= 1  # a evicted b's cached blocks: they were saved, then loaded back
     assert computed_at_readmission == [8]  # 2 full blocks back; the partial third recomputed
     m.check_invariants()

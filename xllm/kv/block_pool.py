@@ -26,7 +26,7 @@ class BlockPool:
         self.cached: dict[bytes, int] = {}
         self.num_evictions = 0  # cached blocks reused for other content
         # Called with (block, hash) just before a cached block is reused, while it still holds the
-        # content: the lower cache tiers keep a copy (kv/tiers.py).
+        # content: the lower cache tiers save it (kv/tiers/, a KV connector).
         self.on_evict: Callable[[int, bytes], None] | None = None
 
     @property
@@ -104,6 +104,14 @@ class BlockPool:
         if block_hash not in self.cached:
             self.cached[block_hash] = b
             self.block_hash[b] = block_hash
+
+    def uncache_block(self, b: int) -> None:
+        """Take block b out of the index (its content is not what its hash says)."""
+        h = self.block_hash[b]
+        if h is not None:
+            self.block_hash[b] = None
+            if self.cached.get(h) == b:
+                del self.cached[h]
 
     def lookup(self, hashes: list[bytes]) -> list[int]:
         """The blocks of the longest cached prefix of this hash chain."""

@@ -9,51 +9,68 @@ files it under the hash of its tokens chained on all earlier ones (`block_hash.p
 asks `find_cached_prefix` for the longest chain of its full blocks already in the cache, gets those
 blocks shared (reference-counted, read-only: nobody writes below its computed length) and computes
 only the rest. At least one token is always computed, so the last position's logits exist.
+
+Below the device cache a KV connector may keep evicted blocks (the host/disk tiers, `kv/tiers/`):
+the manager tells it what the pool evicts, and a lookup that runs out of device hits asks it for
+the rest of the chain. Found blocks are loaded into free device blocks by the worker before the
+step that uses them runs (the manager only records the loads; it does no I/O).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from xllm.kv.block_hash import extend_hashes
 from xllm.kv.block_pool import BlockPool
+from xllm.kv.connector import KVConnectorMeta, KVConnectorOutput, PrefixLookup
 
 if TYPE_CHECKING:
-    from xllm.kv.tiers import KVTiers
+    from xllm.kv.connector import KVConnectorScheduler
+
+logger = logging.getLogger(__name__)
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True, tiers: KVTiers | None = None):
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_caching: bool = True,
+        connector: KVConnectorScheduler | None = None, lookahead: bool = False,
+    ):
         self.block_size = block_size
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks, enable_caching)
-        self.tiers = tiers if enable_caching else None
-        if self.tiers is not None:
-            self.pool.on_evict = self.tiers.demote
+        self.connector = connector if enable_caching else None
+        if self.connector is not None:
+            self.pool.on_evict = self.connector.on_evict
+        # Running requests also get the block their next token will need, when blocks are plentiful
+        # (the xtensor runner maps it ahead, off the critical path).
+        self.lookahead = lookahead
         self._blocks: dict[str, list[int]] = {}
         self._hashes: dict[str, list[bytes]] = {}  # per request: hashes of its full blocks so far
         self._num_cached: dict[str, int] = {}  # per request: leading blocks already filed in the index
-        self.loads_pending = False  # the last lookup found its chain still being read from disk
         self._freed: list[str] = []  # requests whose blocks were freed since the last `take_freed`
-        # Running requests also get the block their next token will need, when blocks are plentiful
-        # (the xtensor runner maps it ahead, off the critical path); set by the engine.
-        self.lookahead = False
-        # Blocks the step now computing writes (set by the engine while it schedules the next step
-        # meanwhile): promotions from the lower tiers, the only writes outside a forward pass, keep
-        # out of them, since a request may free its blocks while its step is still running.
-        self.busy_blocks: frozenset[int] = frozenset()
         self.prefix_cache_queries = 0  # prompt tokens looked up
         self.prefix_cache_hits = 0  # of which found in the cache
+        self.num_promotion_errors = 0  # lookups whose loads from a lower tier failed (taken as misses)
 
     @property
     def num_blocks(self) -> int:
         return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks no request holds (cached ones included: they are evictable)."""
+        return self.pool.num_free
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
     def can_ever_fit(self, num_tokens: int) -> bool:
         return self.blocks_needed(num_tokens) <= self.pool.num_blocks
+
+    def can_allocate(self, request_id: str, total_tokens: int) -> bool:
+        """Whether `allocate_slots(request_id, total_tokens)` would succeed now."""
+        return self.blocks_needed(total_tokens) - len(self.block_ids(request_id)) <= self.pool.num_free
 
     def allocate_slots(self, request_id: str, total_tokens: int, cached_blocks: list[int] | None = None) -> bool:
         """Make the request hold enough blocks for `total_tokens` tokens, starting with `cached_blocks`
@@ -95,6 +112,20 @@ class KVCacheManager:
     def usage(self) -> float:
         return self.pool.usage()
 
+    # ---- the connector's traffic --------------------------------------------------------------
+    def take_connector_meta(self, nothing_else_runs: bool = False) -> KVConnectorMeta:
+        """The transfers recorded since the last call, for the step being scheduled. With
+        `nothing_else_runs` and reads in flight, the worker may wait for one (there is no work)."""
+        if self.connector is None:
+            return KVConnectorMeta()
+        meta = self.connector.take_meta()
+        meta.wait_for_reads = nothing_else_runs and self.connector.reads_pending
+        return meta
+
+    def connector_update(self, output: KVConnectorOutput | None) -> None:
+        if self.connector is not None and output:
+            self.connector.update(output)
+
     # ---- prefix caching -----------------------------------------------------------------------
     def _request_hashes(self, request_id: str, token_ids: list[int], num_blocks: int, cache_salt: str | None) -> list[bytes]:
         hashes = self._hashes.setdefault(request_id, [])
@@ -103,48 +134,55 @@ class KVCacheManager:
         return hashes
 
     def find_cached_prefix(
-        self, request_id: str, token_ids: list[int], cache_salt: str | None = None, wait_for_loads: bool = True
-    ) -> list[int]:
+        self, request_id: str, token_ids: list[int], cache_salt: str | None = None, fetch: bool = True
+    ) -> PrefixLookup:
         """Blocks of the longest cached prefix of `token_ids` (full blocks, leaving at least one token
-        to compute). The caller passes them to `allocate_slots` and counts `record_lookup`. When the
-        chain goes on into the disk tier, the reads start in the background; without
-        `wait_for_loads` the call returns the device part at once and sets `loads_pending`, and the
-        caller asks again later."""
+        to compute), and whether more of the chain is still being read from a lower tier (then the
+        caller lets the request wait and asks again later; without `fetch` no read is started and
+        the request takes what is here). The caller passes the blocks to `allocate_slots` and
+        counts `record_lookup`."""
         if not self.enable_caching:
-            return []
+            return PrefixLookup([])
         max_blocks = (len(token_ids) - 1) // self.block_size
         hashes = self._request_hashes(request_id, token_ids, max_blocks, cache_salt)[:max_blocks]
         blocks = self.pool.lookup(hashes)
-        self.loads_pending = False
-        if self.tiers is not None and len(blocks) < len(hashes) and self.tiers.tier_of(hashes[len(blocks)]):
-            if self.tiers.load_pending(hashes[len(blocks) :], wait=wait_for_loads):
-                self.loads_pending = True  # the caller should let this request wait a step
-                return blocks
-            self.pool.touch(blocks)  # pin the device part of the chain while promotions allocate
-            promoted = self._promote(hashes[len(blocks) :], set())
-            self.pool.free(blocks[::-1])
-            blocks += promoted
-        return blocks
+        if self.connector is None or len(blocks) == len(hashes):
+            return PrefixLookup(blocks)
+        rest = hashes[len(blocks) :]
+        promoted = self._promote(blocks, rest[: self.connector.available(rest)])
+        blocks = blocks + promoted
+        rest = rest[len(promoted) :]
+        pending = fetch and bool(rest) and self.connector.fetch(rest)
+        return PrefixLookup(blocks, pending)
 
-    def _promote(self, hashes: list[bytes], chain: set[int]) -> list[int]:
-        """Bring the leading `hashes` found in the lower tiers back into free device blocks, filed in
-        the index (cached and free, so `allocate_slots` takes them as hits). Stops at the first hash
-        no tier has intact, or when every free block is of the chain itself or written by the step
-        in flight (`busy_blocks`)."""
-        promoted = []
-        for h in hashes:
-            if self.tiers.tier_of(h) is None:
-                break
-            b = self.pool.allocate_one(chain | self.busy_blocks)
-            if b is None:
-                break
-            if not self.tiers.promote(h, b):
-                self.pool.free([b])
-                break
-            self.pool.cache_block(b, h)
-            self.pool.free([b])
-            promoted.append(b)
-            chain.add(b)
+    def _promote(self, chain: list[int], hashes: list[bytes]) -> list[int]:
+        """Load the blocks of `hashes` (the connector has them) into free device blocks, filed in
+        the index (cached and free, so `allocate_slots` takes them as hits). The device part of the
+        chain is pinned meanwhile, so no allocation here evicts it; an error ends the chain there,
+        with every pin and allocation undone (the request computes the rest)."""
+        promoted: list[int] = []
+        self.pool.touch(chain)
+        try:
+            avoid = set(chain)
+            for h in hashes:
+                b = self.pool.allocate_one(avoid)
+                if b is None:
+                    break
+                try:
+                    self.connector.load(h, b)
+                    self.pool.cache_block(b, h)
+                finally:
+                    self.pool.free([b])
+                promoted.append(b)
+                avoid.add(b)
+        except Exception:  # noqa: BLE001 - a lower tier failing is a cache miss, never a lost block
+            self.num_promotion_errors += 1
+            logger.exception("loading KV blocks from a lower tier failed; the request computes them")
+            for b in promoted:
+                self.pool.uncache_block(b)
+            promoted = []
+        finally:
+            self.pool.free(chain[::-1])
         return promoted
 
     def record_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
@@ -152,10 +190,10 @@ class KVCacheManager:
         self.prefix_cache_hits += num_hit_tokens
 
     def tier_hit_tokens(self) -> dict[str, int]:
-        """Prompt tokens promoted from each lower tier (empty without tiers)."""
-        if self.tiers is None:
+        """Prompt tokens loaded back from each lower tier (empty without tiers)."""
+        if self.connector is None:
             return {}
-        return {tier: blocks * self.block_size for tier, blocks in self.tiers.hits.items()}
+        return {tier: blocks * self.block_size for tier, blocks in self.connector.hits.items()}
 
     def num_cached_blocks(self, request_id: str) -> int:
         return self._num_cached.get(request_id, 0)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from xllm.kv.connector import KVConnectorMeta, KVConnectorOutput
 from xllm.sampling_params import SamplingParams
 
 
@@ -42,6 +43,8 @@ class SchedulerOutput:
     # requests whose KV blocks were freed (finished, aborted, preempted) since the last output;
     # the runner drops what it keeps per request before running this step
     freed_ids: list[str] = field(default_factory=list)
+    # KV transfers of the connectors (host/disk tiers), carried out before this step's forward pass
+    kv_meta: KVConnectorMeta = field(default_factory=KVConnectorMeta)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -67,3 +70,7 @@ class RunnerOutput:
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     # request id -> (index of the first prompt token covered, one entry per covered prompt token)
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+    # requests the runner could not run (their inputs could not be built) -> why; the step ran without them
+    failed: dict[str, str] = field(default_factory=dict)
+    # what the connectors' worker side finished (disk reads, lost writes)
+    kv_output: KVConnectorOutput = field(default_factory=KVConnectorOutput)

@@ -14,6 +14,7 @@ from xllm.scheduler.output import SamplingContext, TokenLogprobs
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
+    WAITING_FOR_KV = "waiting_for_kv"  # its cached prefix is being read in from a lower tier
     RUNNING = "running"
     FINISHED = "finished"
 
@@ -49,7 +50,9 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    error: str | None = None  # finish reason "error": what went wrong with this request alone
     num_preemptions: int = 0
+    num_kv_waits: int = 0  # admissions it waited out for its cached prefix to be read in
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     # prompt_logprobs[i] is for prompt token i + 1 (the first prompt token has none).
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)

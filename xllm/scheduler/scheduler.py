@@ -43,9 +43,13 @@ from __future__ import annotations
 import time
 
 from xllm.config import SchedulerConfig
+from xllm.kv.connector import PrefixLookup
 from xllm.kv.manager import KVCacheManager
 from xllm.scheduler.output import RunnerOutput, ScheduledRequest, SchedulerOutput
 from xllm.scheduler.request import Request, RequestStatus
+
+_WAITING = (RequestStatus.WAITING, RequestStatus.WAITING_FOR_KV)
+MAX_KV_WAITS = 64  # lookups that may leave a request waiting for lower-tier reads
 
 
 class Scheduler:
@@ -57,6 +61,10 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         self.step_count = 0
+        # Requests that got their first step, and that ended before getting one (abort, timeout):
+        # with the adds, these give exactly how many requests wait for their first step.
+        self.num_first_scheduled = 0
+        self.num_ended_unscheduled = 0
         self._ended_while_scheduling: list[Request] = []
 
     # ---- queue management -------------------------------------------------------------------
@@ -67,8 +75,11 @@ class Scheduler:
         request.enqueued_step = self.step_count
         self.waiting.append(request)
 
-    def finish_request(self, request_id: str, reason: str, stop_reason: str | int | None = None) -> Request | None:
-        """End a request from outside a step (abort, a stop string): drop it from its queue, free its blocks."""
+    def finish_request(
+        self, request_id: str, reason: str, stop_reason: str | int | None = None, error: str | None = None
+    ) -> Request | None:
+        """End a request from outside a step (abort, a stop string, an error of its own): drop it
+        from its queue, free its blocks."""
         request = self.requests.get(request_id)
         if request is None:
             return None
@@ -76,7 +87,10 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+            if request.first_scheduled_time is None:
+                self.num_ended_unscheduled += 1
         request.finish(reason, stop_reason)
+        request.error = error
         self._release(request)
         return request
 
@@ -101,7 +115,7 @@ class Scheduler:
     def _rank(self, request: Request) -> tuple:
         """Sort key: effective priority (aged while waiting), then arrival. Lower runs first."""
         aging = self.config.priority_aging_steps
-        waited = self.step_count - request.enqueued_step if request.status is RequestStatus.WAITING else 0
+        waited = self.step_count - request.enqueued_step if request.status in _WAITING else 0
         return (request.priority - (waited // aging if aging else 0), request.arrival_time, request.request_id)
 
     def _queue(self) -> list[Request]:
@@ -145,6 +159,7 @@ class Scheduler:
             chosen = self._fill(out, False)
         self._emit(out, chosen)
         out.freed_ids = self.kv.take_freed()
+        out.kv_meta = self.kv.take_connector_meta(nothing_else_runs=not out.scheduled)
         return out
 
     def _emit(self, out: SchedulerOutput, chosen: list[tuple[Request, int]]) -> None:
@@ -211,8 +226,9 @@ class Scheduler:
             num_new = self._admit(request, budget, whole=whole, out=out)
             if num_new is None:
                 break
-            chosen.append((request, num_new))
-            budget -= num_new
+            if num_new:  # 0: it waits for its KV to be read in; the next ones may start
+                chosen.append((request, num_new))
+                budget -= num_new
         return chosen
 
     def admit_more(self, out: SchedulerOutput) -> bool:
@@ -228,6 +244,7 @@ class Scheduler:
         chosen = self._admit_waiting(out, self.config.max_num_batched_tokens - out.num_batched_tokens, whole=False)
         chosen = [(r, n) for r, n in chosen if r.status is RequestStatus.RUNNING]
         self._emit(out, chosen)
+        out.kv_meta.extend(self.kv.take_connector_meta())
         return bool(chosen)
 
     def _admitting(self, policy: str) -> bool:
@@ -244,8 +261,8 @@ class Scheduler:
         if not self.waiting or len(self.running) >= self.config.max_num_seqs:
             return False
         first = self._queue()[0]
-        need = self.kv.blocks_needed(first.num_computed_tokens + min(first.tokens_to_compute(), self.config.max_num_batched_tokens))
-        return need - len(self.kv.block_ids(first.request_id)) <= self.kv.pool.num_free or bool(self._victims_below(first))
+        total = first.num_computed_tokens + min(first.tokens_to_compute(), self.config.max_num_batched_tokens)
+        return self.kv.can_allocate(first.request_id, total) or bool(self._victims_below(first))
 
     def _victims_below(self, request: Request) -> list[Request]:
         """Running requests that rank strictly below `request` in priority, worst first."""
@@ -258,7 +275,7 @@ class Scheduler:
         a free block per running request to spare, the block of the token after these is taken
         too (never at the cost of a preemption)."""
         total = request.num_computed_tokens + num_new
-        if self.kv.lookahead and self.kv.pool.num_free > len(self.running) and self.kv.allocate_slots(request.request_id, total + 1):
+        if self.kv.lookahead and self.kv.num_free_blocks > len(self.running) and self.kv.allocate_slots(request.request_id, total + 1):
             return True
         while not self.kv.allocate_slots(request.request_id, total):
             victim = self.running[-1]  # ranked last
@@ -281,9 +298,11 @@ class Scheduler:
         fits); returns the tokens scheduled, or None if it cannot start now (admission stops)."""
         if request.share_prompt_with is not None and not self._share_prompt(request):
             return None  # its sibling is still computing the prompt; take it next step
-        cached, reading = self._cached_prefix(request)
-        if reading:
-            return None  # its prefix is being read from disk; running requests step meanwhile
+        lookup = self._cached_prefix(request)
+        if lookup.pending:  # its prefix is being read from a lower tier; the others go on meanwhile
+            request.status = RequestStatus.WAITING_FOR_KV
+            return 0
+        cached = lookup.blocks
         hit = len(cached) * self.kv.block_size
         remaining = request.num_tokens - request.num_computed_tokens - hit
         cap = self.config.max_prefill_chunk if not whole else None
@@ -310,21 +329,22 @@ class Scheduler:
         request.status = RequestStatus.RUNNING
         if request.first_scheduled_time is None:
             request.first_scheduled_time = time.monotonic()
+            self.num_first_scheduled += 1
         self.running.append(request)
         return num_new
 
-    def _cached_prefix(self, request: Request) -> tuple[list[int], bool]:
+    def _cached_prefix(self, request: Request) -> PrefixLookup:
         """Prefix-cache hits for a request about to be admitted with nothing computed or held, and
-        whether more of its prefix is still being read from disk. Requests that want prompt
-        logprobs compute their whole prompt (they need every position)."""
+        whether more of its prefix is still being read from a lower tier. Requests that want
+        prompt logprobs compute their whole prompt (they need every position)."""
         if request.num_computed_tokens or self.kv.block_ids(request.request_id) or request.params.prompt_logprobs is not None:
-            return [], False
-        # With requests running, a disk read in flight makes this one wait a step (they keep going);
-        # with none, waiting for the read is the only work there is.
-        blocks = self.kv.find_cached_prefix(
-            request.request_id, request.all_token_ids, request.cache_salt, wait_for_loads=not self.running
-        )
-        return blocks, self.kv.loads_pending
+            return PrefixLookup([])
+        # A request waits for reads of its prefix a bounded number of times (each wait brings more
+        # of it in); past that it takes what is cached and computes the rest.
+        lookup = self.kv.find_cached_prefix(request.request_id, request.all_token_ids, request.cache_salt,
+                                            fetch=request.num_kv_waits < MAX_KV_WAITS)
+        request.num_kv_waits += lookup.pending
+        return lookup
 
     def _share_prompt(self, request: Request) -> bool:
         """Before admitting sample i > 0 of an n > 1 request: reuse sample 0's prompt blocks.
@@ -350,6 +370,11 @@ class Scheduler:
         A request preempted after the step was scheduled still gets the token the step sampled
         (it was computed from intact KV); it recomputes from the start when readmitted."""
         changed, self._ended_while_scheduling = self._ended_while_scheduling, []
+        self.kv.connector_update(result.kv_output)
+        for request_id, message in result.failed.items():  # this request's inputs could not be built
+            request = self.finish_request(request_id, "error", error=message)
+            if request is not None:
+                changed.append(request)
         bs = self.kv.block_size
         for item in out.scheduled:
             request = self.requests.get(item.request_id)

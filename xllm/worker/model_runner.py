@@ -1,13 +1,16 @@
 """The model runner: owns the model and the KV cache tensors; turns a SchedulerOutput into tokens.
 
 Per step it lays the scheduled tokens out flat ([T]), builds the attention metadata once (shared by
-every layer), runs the forward pass inside the forward context, computes logits only for the rows
-that sample, and samples.
+every layer), carries out the step's KV transfers (the connectors' worker side), runs the forward
+pass inside the forward context, computes logits only for the rows that sample, and samples.
+Inputs are laid out on the host (in the engine's helper thread, while the step before computes)
+and moved to the platform's device when the step is bound.
 
 KV layouts (`CacheConfig.kv_layout`): `paged`, one tensor [2, num_blocks, block_size, Hkv, D] per
 layer read through block tables; `xtensor` (kv/xtensor.py), one page pool with a contiguous virtual
 range per sequence: the runner maps each scheduled request's blocks into its range before the step
-and unmaps the ranges of requests the scheduler freed.
+and unmaps the ranges of requests the scheduler freed. A request whose range cannot be mapped
+fails alone: the step runs without it and reports it in `RunnerOutput.failed`.
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ from dataclasses import dataclass
 import torch
 
 from xllm.config import CacheConfig
-from xllm.kv.xtensor import XTensorPool, check_page_size, max_map_count
+from xllm.kv.xtensor import check_page_size, max_map_count
 from xllm.layers.forward_context import forward_context
 from xllm.layers.sampler import Sampler, gather_logprobs
 from xllm.models.arch_config import ArchConfig
 from xllm.ops.attention import AttentionMetadata, build_prefill
-from xllm.scheduler.output import RunnerOutput, SchedulerOutput
+from xllm.platforms import Platform, get_platform
+from xllm.scheduler.output import RunnerOutput, ScheduledRequest, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +43,12 @@ class StepInputs:
     md: AttentionMetadata
     sample_rows: list[int]  # rows whose logits are sampled
     fill_rows: list[tuple[int, str]]  # (row, request id) of each placeholder token
+
+    def to(self, device: torch.device) -> "StepInputs":
+        if self.input_ids.device == device:
+            return self
+        return StepInputs(self.input_ids.to(device), self.positions.to(device), self.md.to(device), self.sample_rows,
+                          self.fill_rows)
 
 
 def kv_bytes_per_block(arch: ArchConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -56,48 +66,91 @@ class ModelRunner:
         seed: int = 0,
         max_model_len: int | None = None,
         max_num_seqs: int = 64,
+        platform: Platform | None = None,
+        max_num_batched_tokens: int = 2048,
     ):
         self.model = model
         self.arch = arch
         self.block_size = cache.block_size
         self.dtype = dtype
+        self.platform = platform or get_platform("cpu")
+        self.device = self.platform.device
         per_block = kv_bytes_per_block(arch, cache.block_size, dtype)
-        self.num_blocks = cache.num_blocks or max(1, int(cache.kv_cache_memory_gib * (1 << 30)) // per_block)
-        self.xtensor: XTensorPool | None = None
+        if cache.num_blocks:
+            self.num_blocks = cache.num_blocks
+        else:
+            budget = self.platform.kv_cache_bytes(
+                cache, self._largest_step(max_num_batched_tokens, max_num_seqs, max_model_len or arch.max_position_embeddings)
+            )
+            self.num_blocks = max(1, budget // per_block)
+        self.xtensor = None  # xtensor layout: the page pool (`XTensorPool` on the CPU)
         if cache.kv_layout == "xtensor":
             self.kv_caches, ranges = self._xtensor_cache(max_model_len or arch.max_position_embeddings, max_num_seqs)
         else:
             shape = (2, self.num_blocks, cache.block_size, arch.num_key_value_heads, arch.head_dim)
             # Zeroed: padded decode attention reads unwritten slots with weight 0, and 0 * NaN would poison it.
-            self.kv_caches = [torch.zeros(shape, dtype=dtype) for _ in range(arch.num_hidden_layers)]
+            self.kv_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(arch.num_hidden_layers)]
             ranges = [None] * arch.num_hidden_layers
         self.kv_ranges = ranges
         self.bind_cache()
         self.sampler = Sampler(seed)
+        self.kv_connector = None  # the KV connectors' worker side (host/disk tiers), set by the engine
         self.pages_mapped_in_step = 0  # xtensor: pages mapped while binding a step's inputs
         self.pages_mapped_ahead = 0  # ...and by `map_ahead`, off the critical path
         self.execute_s = 0.0  # time in `execute` (input layout + forward + sampling), summed
         self.prepare_s = 0.0  # of which the input layout and binding done in `execute` (`layout`, `_bind`)
         logger.info(
-            "KV cache (%s): %d blocks of %d tokens (%.2f GiB)",
+            "KV cache (%s, %s): %d blocks of %d tokens (%.2f GiB)",
             cache.kv_layout,
+            self.device,
             self.num_blocks,
             self.block_size,
             self.num_blocks * per_block / (1 << 30),
         )
 
-    def bind_cache(self) -> None:
+    def bind_cache(self, caches: list[torch.Tensor] | None = None, ranges: list | None = None) -> None:
         """Point the model's attention layers at this runner's KV cache (done at construction)."""
-        for layer, cache_tensor, layer_ranges in zip(self.model.attention_layers(), self.kv_caches, self.kv_ranges):
+        caches = self.kv_caches if caches is None else caches
+        ranges = self.kv_ranges if ranges is None else ranges
+        for layer, cache_tensor, layer_ranges in zip(self.model.attention_layers(), caches, ranges):
             layer.kv_cache = cache_tensor
             layer.kv_ranges = layer_ranges
 
+    def _largest_step(self, max_tokens: int, max_rows: int, max_len: int) -> Callable[[], None]:
+        """A function that runs the largest step this engine schedules once (`max_tokens` prompt
+        tokens, in sequences of at most `max_len`, then logits for `max_rows` rows and a
+        full-vocabulary sort, as the sampler may do) over a scratch KV cache, which it frees; the
+        platform measures its peak memory around it."""
+
+        def run() -> None:
+            bs, arch = self.block_size, self.arch
+            blocks = -(-max_tokens // bs) + -(-max_tokens // max_len)  # every sequence's blocks, rounded up
+            shape = (2, blocks, bs, arch.num_key_value_heads, arch.head_dim)
+            scratch = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(arch.num_hidden_layers)]
+            self.bind_cache(scratch, [None] * arch.num_hidden_layers)
+            items, first_block = [], 0
+            for start in range(0, max_tokens, max_len):
+                n = min(max_len, max_tokens - start)
+                seq_blocks = list(range(first_block, first_block + -(-n // bs)))
+                items.append(ScheduledRequest(f"profile-{start}", [0] * n, 0, seq_blocks, False, None))
+                first_block += len(seq_blocks)
+            inputs = self.layout(SchedulerOutput(items)).to(self.device)
+            try:
+                with torch.inference_mode(), forward_context(inputs.md):
+                    hidden = self.model(inputs.input_ids, inputs.positions)
+                    logits = self.model.compute_logits(hidden[-1:].expand(max_rows, -1))
+                    logits.sort(dim=-1)
+            finally:
+                self.bind_cache([None] * arch.num_hidden_layers, [None] * arch.num_hidden_layers)
+
+        return run
+
     def _xtensor_cache(self, max_len: int, max_num_seqs: int):
-        """The xtensor layout: a memfd page pool, one page per block, [layers, 2, block_size, Hkv, D]
-        (a layer's K rows of a block are contiguous, as in the paged layout); per layer the physical
-        view [2, num_blocks, block_size, Hkv, D] (the paged layout's indexing: new rows are written and
-        tiers copy blocks through it) and the ranges' views [slots, pages, block_size, Hkv, D] for K
-        and V, which attention reads with no block table."""
+        """The xtensor layout: the platform's page pool, one page per block, [layers, 2, block_size,
+        Hkv, D] (a layer's K rows of a block are contiguous, as in the paged layout); per layer the
+        physical view [2, num_blocks, block_size, Hkv, D] (the paged layout's indexing: new rows are
+        written and tiers copy blocks through it) and the ranges' views [slots, pages, block_size,
+        Hkv, D] for K and V, which attention reads with no block table."""
         arch, bs = self.arch, self.block_size
         layers, hkv, d = arch.num_hidden_layers, arch.num_key_value_heads, arch.head_dim
         token_bytes = layers * 2 * hkv * d * torch.empty(0, dtype=self.dtype).element_size()
@@ -112,28 +165,32 @@ class ModelRunner:
                 "vm.max_map_count (%d); lower --max-num-seqs or --max-model-len, or raise vm.max_map_count",
                 max_num_seqs, range_pages, worst, max_map_count(),
             )
-        pool = self.xtensor = XTensorPool(self.num_blocks, page_bytes, range_pages, self.dtype, num_slots=2 * max_num_seqs)
-        phys = pool.physical().view(self.num_blocks, layers, 2, bs, hkv, d)
-        rng = pool.ranges().view(pool.num_slots, range_pages, layers, 2, bs, hkv, d)
+        pool = self.xtensor = self.platform.new_page_pool(self.num_blocks, page_bytes, range_pages, self.dtype, 2 * max_num_seqs)
+        physical = pool.physical().view(self.num_blocks, layers, 2, bs, hkv, d)
+        ranges = pool.ranges().view(pool.num_slots, range_pages, layers, 2, bs, hkv, d)
         logger.info("xtensor KV: page %d KiB (%d tokens), %d ranges of %d tokens, huge pages %s",
                     page_bytes >> 10, bs, pool.num_slots, range_pages * bs, "on" if pool.huge_pages else "off")
-        caches = [phys[:, i].transpose(0, 1) for i in range(layers)]
-        return caches, [(rng[:, :, i, 0], rng[:, :, i, 1]) for i in range(layers)]
+        caches = [physical[:, i].transpose(0, 1) for i in range(layers)]
+        return caches, [(ranges[:, :, i, 0], ranges[:, :, i, 1]) for i in range(layers)]
 
-    def map_ahead(self, so: SchedulerOutput) -> None:
+    def map_ahead(self, scheduled: SchedulerOutput) -> None:
         """xtensor: map every block the step's requests hold (the scheduler's look-ahead block
         included) into the ranges they already have, so `_bind` finds them mapped. The engine
         calls this from its helper thread for the step it has just scheduled, while the step
         before computes: it only adds pages past those mapped, which that forward pass does not
-        read, and it creates and unmaps no range (that is `_bind`'s, on the engine thread)."""
+        read, and it creates and unmaps no range (that is `_bind`'s, on the engine thread). A
+        range that cannot be mapped here is left to `_bind`, which fails that request alone."""
         xt = self.xtensor
         if xt is None:
             return
-        for item in so.scheduled:
+        for item in scheduled.scheduled:
             have = xt.num_mapped(item.request_id)
             pages = item.block_ids[: xt.range_pages]
             if xt.has(item.request_id) and len(pages) > have:
-                xt.map_pages(item.request_id, pages)
+                try:
+                    xt.map_pages(item.request_id, pages)
+                except Exception:  # noqa: BLE001 - an optimization only
+                    continue
                 self.pages_mapped_ahead += len(pages) - have
 
     def release(self, request_ids: list[str]) -> None:
@@ -142,10 +199,11 @@ class ModelRunner:
             for request_id in request_ids:
                 self.xtensor.release(request_id)
 
-    def layout(self, so: SchedulerOutput) -> StepInputs:
-        """The step's input tensors and attention metadata, built from the schedule alone (no
-        change to any state, so the engine builds them in its helper thread while the step
-        before computes). Placeholder tokens and xtensor ranges are left to `_bind`."""
+    def layout(self, scheduled: SchedulerOutput) -> StepInputs:
+        """The step's input tensors and attention metadata, on the host, built from the schedule
+        alone (no change to any state, so the engine builds them in its helper thread while the
+        step before computes). Placeholder tokens, xtensor ranges and the move to the device are
+        left to `_bind`."""
         bs = self.block_size
         xt = self.xtensor
         input_ids: list[int] = []
@@ -155,7 +213,7 @@ class ModelRunner:
         decode_rows, decode_tables, decode_lens = [], [], []
         sample_rows: list[int] = []
         fill_rows: list[tuple[int, str]] = []
-        for item in so.scheduled:
+        for item in scheduled.scheduled:
             row = len(input_ids)
             n = len(item.token_ids)
             input_ids.extend(item.token_ids)
@@ -194,64 +252,97 @@ class ModelRunner:
         return StepInputs(torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long), md,
                           sample_rows, fill_rows)
 
-    def _bind(self, so: SchedulerOutput, inputs: StepInputs, prev: RunnerOutput | None) -> None:
-        """Just before the forward pass, on the engine thread: drop the freed requests' ranges, map
-        the step's blocks into its requests' ranges (xtensor), and fill in the placeholder tokens
-        from the previous step's output `prev`."""
-        self.release(so.freed_ids)
+    def _bind(self, scheduled: SchedulerOutput, inputs: StepInputs, prev: RunnerOutput | None,
+              failed: dict[str, str]) -> StepInputs:
+        """Just before the forward pass, on the engine thread: drop the freed requests' ranges, carry
+        out the step's KV transfers, map the step's blocks into its requests' ranges (xtensor), fill
+        in the placeholder tokens from the previous step's output `prev`, and move the inputs to the
+        device. A request whose range cannot be mapped is dropped from the step (and laid out again
+        without it) and named in `failed`."""
+        self.release(scheduled.freed_ids)
+        if self.kv_connector is not None and scheduled.kv_meta:
+            self.kv_connector.execute(scheduled.kv_meta)
         xt = self.xtensor
         if xt is not None:
             bs = self.block_size
+            range_of = {}
+            for item in scheduled.scheduled:
+                num_blocks = -(-(item.start_pos + len(item.token_ids)) // bs)
+                have = xt.num_mapped(item.request_id)
+                try:
+                    range_of[item.request_id] = xt.map_pages(item.request_id, item.block_ids[:num_blocks])
+                except Exception as exc:  # noqa: BLE001 - this request fails alone
+                    logger.exception("request %s: its KV range could not be mapped", item.request_id)
+                    failed[item.request_id] = f"its KV cache range could not be mapped: {exc}"
+                    continue
+                self.pages_mapped_in_step += max(0, num_blocks - have)
+            if failed:
+                scheduled.scheduled = [item for item in scheduled.scheduled if item.request_id not in failed]
+                inputs = self.layout(scheduled)
             decode_slots = []
             prefills = iter(inputs.md.prefills)
-            for item in so.scheduled:
-                num_blocks = -(-(item.start_pos + len(item.token_ids)) // bs)
-                self.pages_mapped_in_step += max(0, num_blocks - xt.num_mapped(item.request_id))
-                slot = xt.map_pages(item.request_id, item.block_ids[:num_blocks])
+            for item in scheduled.scheduled:
                 if len(item.token_ids) == 1:
-                    decode_slots.append(slot)
+                    decode_slots.append(range_of[item.request_id])
                 else:
-                    next(prefills).slot = slot
+                    next(prefills).slot = range_of[item.request_id]
             inputs.md.decode_slots = torch.tensor(decode_slots, dtype=torch.long)
         if inputs.fill_rows:
             if prev is None:
                 raise RuntimeError("a step with placeholder tokens needs the previous step's output")
             rows, ids = zip(*inputs.fill_rows)
             inputs.input_ids[list(rows)] = torch.tensor([prev.sampled_token_ids[i] for i in ids], dtype=torch.long)
+        return inputs.to(self.device)
 
     def _forward(
-        self, so: SchedulerOutput, before_forward: Callable[[], None] | None = None, inputs: StepInputs | None = None,
-        prev: RunnerOutput | None = None,
-    ) -> tuple[torch.Tensor, list[int]]:
+        self, scheduled: SchedulerOutput, before_forward: Callable[[], None] | None = None,
+        inputs: StepInputs | None = None, prev: RunnerOutput | None = None, failed: dict[str, str] | None = None,
+    ) -> tuple[torch.Tensor | None, list[int]]:
         started = time.perf_counter()
         if inputs is None:
-            inputs = self.layout(so)
-        self._bind(so, inputs, prev)
+            inputs = self.layout(scheduled)
+        inputs = self._bind(scheduled, inputs, prev, {} if failed is None else failed)
         self.prepare_s += time.perf_counter() - started
         if before_forward is not None:
             before_forward()
+        if not scheduled.scheduled:  # every request of the step failed
+            return None, []
         with forward_context(inputs.md):
             hidden = self.model(inputs.input_ids, inputs.positions)
         return hidden, inputs.sample_rows
 
+    def execute_empty(self, scheduled: SchedulerOutput) -> RunnerOutput:
+        """A step with nothing to compute: release freed ranges, carry out its KV transfers."""
+        self.release(scheduled.freed_ids)
+        if self.kv_connector is not None and scheduled.kv_meta:
+            self.kv_connector.execute(scheduled.kv_meta)
+        return self._finish(RunnerOutput())
+
+    def _finish(self, out: RunnerOutput) -> RunnerOutput:
+        if self.kv_connector is not None:
+            out.kv_output = self.kv_connector.take_output()
+        return out
+
     @torch.inference_mode()
     def execute(
-        self, so: SchedulerOutput, before_forward: Callable[[], None] | None = None, inputs: StepInputs | None = None,
-        prev: RunnerOutput | None = None,
+        self, scheduled: SchedulerOutput, before_forward: Callable[[], None] | None = None,
+        inputs: StepInputs | None = None, prev: RunnerOutput | None = None,
     ) -> RunnerOutput:
         """Run the step; `before_forward` is called once the inputs are laid out, as the forward pass
         starts. `inputs` is the step's `layout` when built beforehand; `prev` the output of the
         step before, whose tokens fill the placeholders."""
         started = time.perf_counter()
         try:
-            return self._execute(so, before_forward, inputs, prev)
+            return self._finish(self._execute(scheduled, before_forward, inputs, prev))
         finally:
             self.execute_s += time.perf_counter() - started
 
-    def _execute(self, so: SchedulerOutput, before_forward, inputs, prev) -> RunnerOutput:
-        hidden, sample_rows = self._forward(so, before_forward, inputs, prev)
+    def _execute(self, scheduled: SchedulerOutput, before_forward, inputs, prev) -> RunnerOutput:
         out = RunnerOutput()
-        sampling = [item for item in so.scheduled if item.sample]
+        hidden, sample_rows = self._forward(scheduled, before_forward, inputs, prev, out.failed)
+        if hidden is None:
+            return out
+        sampling = [item for item in scheduled.scheduled if item.sample]
         if sampling:
             logits = self.model.compute_logits(hidden[sample_rows])
             tokens, logprobs = self.sampler(logits, [s.sampling for s in sampling])
@@ -260,7 +351,7 @@ class ModelRunner:
                 if lp is not None:
                     out.logprobs[item.request_id] = lp
         row = 0
-        for item in so.scheduled:
+        for item in scheduled.scheduled:
             if item.want_prompt_logprobs:
                 out.prompt_logprobs[item.request_id] = self._prompt_logprobs(item, hidden[row : row + len(item.token_ids)])
             row += len(item.token_ids)
@@ -279,7 +370,7 @@ class ModelRunner:
         return item.start_pos + 1, entries
 
     @torch.inference_mode()
-    def execute_logits(self, so: SchedulerOutput) -> torch.Tensor:
+    def execute_logits(self, scheduled: SchedulerOutput) -> torch.Tensor:
         """Run the step and return float32 logits for every scheduled token: [T, vocab]."""
-        hidden, _ = self._forward(so)
+        hidden, _ = self._forward(scheduled)
         return self.model.compute_logits(hidden)
