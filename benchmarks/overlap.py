@@ -36,7 +36,7 @@ from xllm import LLM, SamplingParams
 from xllm.bench.machine import machine_info
 from xllm.bench.report import table
 from xllm.bench.results import command_line, write_summary
-from xllm.engine.engine import StepTiming
+from xllm.engine.pipeline import StepTiming
 
 
 def run_once(llm: LLM, prompts: list[list[int]], output_len: int) -> dict:

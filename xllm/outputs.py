@@ -18,15 +18,20 @@ PositionLogprobs = dict[int, Logprob]
 
 @dataclass
 class CompletionOutput:
+    """One sample of a request. While the request runs, an output carries only what is new since
+    the previous one (the `delta_*` fields), so streaming costs O(tokens) in all; the final output
+    (`finish_reason` set) carries the whole `text`, `token_ids` and `logprobs` as well."""
+
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop", "length", "abort" or None while running
+    finish_reason: str | None = None  # "stop", "length", "abort", "timeout", "error"; None while running
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
     logprobs: list[PositionLogprobs] | None = None
-    # Text and tokens added since this request's previous output (for streaming).
+    # Text, tokens and logprobs added since this request's previous output (for streaming).
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
+    delta_logprobs: list[PositionLogprobs] | None = None
 
     @property
     def finished(self) -> bool:
@@ -53,6 +58,9 @@ class RequestOutput:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (not computed)
+    # Set when the request failed on its own (finish reason "error"): what went wrong. The engine
+    # and every other request carry on.
+    error: str | None = None
 
     @property
     def delta_text(self) -> str:

@@ -38,8 +38,19 @@ class EngineDeadError(RuntimeError):
     """The engine loop stopped on an error; no request can run until the process restarts."""
 
 
+class RequestFailedError(RuntimeError):
+    """This request failed on its own (finish reason "error"); the engine and the others go on."""
+
+
+class OverloadedError(RuntimeError):
+    """The waiting queue is at its bound; retry later."""
+
+
 class _Stream:
-    """Outputs of one request, from the engine to its one consumer; merges what is unread."""
+    """Outputs of one request, from the engine to its one consumer; merges what is unread.
+
+    Merging appends the new deltas to the unread ones in place (lists extended, text pieces
+    gathered and joined once when read), so a slow reader costs O(tokens), not O(tokens^2)."""
 
     def __init__(self, arrival_time: float, num_prompt_tokens: int):
         self.arrival_time = arrival_time
@@ -48,16 +59,25 @@ class _Stream:
         self.last_token_time: float | None = None
         self.num_generated = 0
         self._pending: RequestOutput | BaseException | None = None
+        self._texts: list[list[str]] = []  # per sample: the unread text pieces of `_pending`
         self._ready = asyncio.Event()
 
     def put(self, item: RequestOutput | BaseException) -> None:
         pending = self._pending
-        if isinstance(item, RequestOutput) and isinstance(pending, RequestOutput):
-            for old, new in zip(pending.outputs, item.outputs):
-                new.delta_text = old.delta_text + new.delta_text
-                new.delta_token_ids = old.delta_token_ids + new.delta_token_ids
-        if not isinstance(pending, BaseException):  # an error is final
-            self._pending = item
+        if isinstance(pending, BaseException):
+            return  # an error is final
+        if isinstance(item, RequestOutput):
+            if isinstance(pending, RequestOutput):
+                for old, new, texts in zip(pending.outputs, item.outputs, self._texts):
+                    old.delta_token_ids.extend(new.delta_token_ids)
+                    new.delta_token_ids = old.delta_token_ids
+                    if new.delta_logprobs is not None and old.delta_logprobs is not None:
+                        old.delta_logprobs.extend(new.delta_logprobs)
+                        new.delta_logprobs = old.delta_logprobs
+                    texts.append(new.delta_text)
+            else:
+                self._texts = [[c.delta_text] for c in item.outputs]
+        self._pending = item
         self._ready.set()
 
     async def get(self) -> RequestOutput:
@@ -66,7 +86,27 @@ class _Stream:
         item, self._pending = self._pending, None
         if isinstance(item, BaseException):
             raise item
+        for c, texts in zip(item.outputs, self._texts):
+            c.delta_text = "".join(texts)
+        self._texts = []
         return item
+
+
+class Reservation:
+    """Room in the waiting queue taken for `count` engine requests (samples) before they are
+    queued, so that a burst of callers cannot all pass the bound check first. `generate` uses it
+    up; whatever was not used goes back with `release` (always call it, e.g. in a `finally`)."""
+
+    def __init__(self, llm: "AsyncLLM", count: int):
+        self._llm = llm
+        self.left = count
+
+    def use(self, count: int) -> None:
+        self.left -= count
+
+    def release(self) -> None:
+        self._llm._released += max(self.left, 0)
+        self.left = 0
 
 
 def _warm_up(engine: LLMEngine) -> None:
@@ -98,14 +138,21 @@ class AsyncLLM:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ids = 0
-        # Adds queued but not yet taken by the engine thread = sent - taken (each written by one thread).
-        self._adds_sent = 0
-        self._adds_taken = 0
+        # The waiting count (engine requests accepted and not yet given their first step), from
+        # counters that only grow, each written by one thread: the event loop's reservations and
+        # their returns, and the engine thread's adds that failed; the scheduler counts first
+        # steps and requests that ended before one. A check and its reservation happen in one
+        # turn of the event loop, so a burst cannot pass the bound: it is exact.
+        self._reserved = 0
+        self._released = 0
+        self._failed_adds = 0
         if engine is not None:
             self._set_engine(engine)
 
     def _set_engine(self, engine: LLMEngine) -> None:
         self.engine = engine
+        # requests the engine ran before (the warm-up) count as reserved: the waiting count starts at 0
+        self._reserved = engine.scheduler.num_first_scheduled + engine.scheduler.num_ended_unscheduled
         if self.model_name is None:
             self.model_name = engine.model_source
         self.metrics = EngineMetrics(self.model_name, self._state)
@@ -168,8 +215,20 @@ class AsyncLLM:
 
     @property
     def num_waiting(self) -> int:
-        """Requests queued but not yet admitted by the scheduler (approximate: read across threads)."""
-        return self._adds_sent - self._adds_taken + self.engine.scheduler.num_waiting
+        """Engine requests accepted that have not had their first step yet (an n-sample request
+        counts n). Never under the truth: the engine thread's counters lag the event loop's."""
+        scheduler = self.engine.scheduler
+        started = scheduler.num_first_scheduled + scheduler.num_ended_unscheduled + self._failed_adds
+        return self._reserved - self._released - started
+
+    def reserve(self, count: int, bound: int | None) -> Reservation:
+        """Take room for `count` engine requests, or raise `OverloadedError` when the waiting ones
+        and these would pass `bound` (None: no bound). Call on the event loop."""
+        waiting = self.num_waiting
+        if bound is not None and waiting + count > bound:
+            raise OverloadedError(f"the server is overloaded ({waiting} requests waiting); retry later")
+        self._reserved += count
+        return Reservation(self, count)
 
     @property
     def num_unfinished(self) -> int:
@@ -201,26 +260,33 @@ class AsyncLLM:
         cache_salt: str | None = None,
         priority: int = 0,
         timeout: float | None = None,
+        reservation: Reservation | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Queue a tokenized, validated prompt; yield its outputs until the finished one.
+        """Queue a tokenized, validated prompt; yield its outputs until the finished one. Room in the
+        waiting queue comes from `reservation` when given (`reserve`), else is taken here.
 
-        Leaving the loop early (or the consuming task being cancelled) aborts the request.
+        Leaving the loop early (or the consuming task being cancelled) aborts the request. A
+        request that fails on its own raises `RequestFailedError` at its end.
         """
         if not self.healthy:
             raise EngineDeadError("the engine is not running")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if reservation is None:
+            reservation = self.reserve(params.n, None)
+        reservation.use(params.n)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         stream = _Stream(arrival, len(prompt_token_ids))
         self._streams[request_id] = stream
         self._commands.append(("add", request_id, prompt_token_ids, params, arrival, dict(cache_salt=cache_salt, priority=priority, timeout=timeout)))
-        self._adds_sent += 1
         self._wake.set()
         finished = False
         try:
             while not finished:
                 out = await stream.get()
                 finished = out.finished
+                if finished and out.error is not None:
+                    raise RequestFailedError(out.error)
                 yield out
         finally:
             self._streams.pop(request_id, None)
@@ -255,16 +321,18 @@ class AsyncLLM:
             logger.exception("the engine loop failed; the engine is dead")
             self._error = exc
             self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(f"the engine loop failed: {exc!r}"))
+        finally:
+            engine.output_sink = None  # the event loop may be gone; the engine may be driven directly again
 
     def _drain_commands(self) -> None:
         while self._commands:
             command = self._commands.popleft()
             if command[0] == "add":
                 _, request_id, token_ids, params, arrival, options = command
-                self._adds_taken += 1
                 try:
                     self.engine.add_request(token_ids, params, request_id, arrival_time=arrival, **options)
                 except Exception as exc:  # noqa: BLE001 - a bad request fails alone, never the loop
+                    self._failed_adds += params.n
                     self._loop.call_soon_threadsafe(self._deliver, request_id, exc)
             else:
                 out = self.engine.abort_request(command[1])
