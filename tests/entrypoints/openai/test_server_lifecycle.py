@@ -67,6 +67,38 @@ def test_api_key_body_limit_and_queue_bound(tmp_path):
         assert httpx.post(url, json=small, headers=auth).status_code == 200
 
 
+def test_the_waiting_bound_is_exact_under_a_burst(tmp_path):
+    """A burst of streaming requests arrives together while the one slot is taken: exactly the bound
+    is accepted (each check and its reservation happen in one turn of the event loop), the rest
+    get 503, and once they end the count is back to zero."""
+    import asyncio
+
+    bound, burst = 3, 10
+    with launch_xllm(str(tmp_path), "--kv-cache-memory", "0.25", "--max-num-seqs", "1", "--max-waiting-requests",
+                     str(bound)) as server:
+        url = server.v1 + "/completions"
+
+        async def main():
+            async with httpx.AsyncClient(timeout=120) as http:
+                async with http.stream("POST", url, json=LONG) as first:
+                    lines = first.aiter_lines()
+                    await anext(lines)  # running: the only slot is taken from here on
+
+                    async def one():
+                        async with http.stream("POST", url, json={**LONG, "max_tokens": 50}) as r:
+                            return r.status_code
+
+                    return await asyncio.gather(*(one() for _ in range(burst)))
+
+        codes = asyncio.run(main())
+        assert sorted(codes) == [200] * bound + [503] * (burst - bound), codes
+        deadline = time.monotonic() + 20
+        while _gauge(server, "xllm:num_requests_running") + _gauge(server, "xllm:num_requests_waiting") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _gauge(server, "xllm:num_requests_waiting") == 0
+        assert httpx.post(url, json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
+
+
 def _stream_in_thread(url: str, body: dict, lines: list[str], started: threading.Event) -> threading.Thread:
     def run():
         try:

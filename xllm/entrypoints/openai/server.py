@@ -23,11 +23,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import xllm
 from xllm.engine.async_llm import AsyncLLM
-from xllm.entrypoints.openai import serving
+from xllm.entrypoints.openai import serving, serving_chat, serving_completions
 from xllm.entrypoints.openai.errors import APIError, bad_request, error_body
 from xllm.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from xllm.entrypoints.openai.serving import AccessLog, ServingContext
@@ -190,16 +191,20 @@ def build_app(llm: AsyncLLM, settings: ServerSettings) -> FastAPI:
     async def run(request: Request, body, prepare, full, stream):
         log = access(request)
         job = await asyncio.to_thread(prepare, ctx, body)  # chat template + tokenization off the loop
-        serving.check_capacity(ctx)
+        reservation = serving.admit(ctx, job)  # room in the waiting queue, or 503
         log.request_id = job.request_id
         log.prompt_tokens = sum(len(p) for p in job.prompts)
         if body.stream:
+            # the stream gives back what it did not use when it ends; the task covers a stream never started
             return StreamingResponse(stream(ctx, job, body, log), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                     background=BackgroundTask(reservation.release))
         try:
             result = await _until_disconnect(request, full(ctx, job, body, log))
         except Exception as exc:  # noqa: BLE001
             raise serving.engine_error(exc) from None
+        finally:
+            reservation.release()
         if result is None:  # the client left; nobody reads this
             return Response(status_code=499)
         return JSONResponse(result)
@@ -207,12 +212,13 @@ def build_app(llm: AsyncLLM, settings: ServerSettings) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = serving.parse_body(CompletionRequest, await read_json(request, settings.max_body_bytes))
-        return await run(request, body, serving.prepare_completion, serving.completion_full, serving.completion_stream)
+        return await run(request, body, serving_completions.prepare_completion, serving_completions.completion_full,
+                         serving_completions.completion_stream)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = serving.parse_body(ChatCompletionRequest, await read_json(request, settings.max_body_bytes))
-        return await run(request, body, serving.prepare_chat, serving.chat_full, serving.chat_stream)
+        return await run(request, body, serving_chat.prepare_chat, serving_chat.chat_full, serving_chat.chat_stream)
 
     @app.get("/v1/models")
     async def models():
@@ -238,27 +244,18 @@ def build_app(llm: AsyncLLM, settings: ServerSettings) -> FastAPI:
     async def version():
         return {"version": xllm.__version__}
 
-    @app.post("/tokenize")
-    async def tokenize(request: Request):
-        body = serving.parse_body(TokenizeRequest, await read_json(request, settings.max_body_bytes))
+    def tokenize_body(body: TokenizeRequest) -> dict:
         serving.check_model(ctx, body.model)
         tokenizer = engine.tokenizer
         if tokenizer is None:
             raise bad_request("this model has no tokenizer")
         if body.messages is not None:
-            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-            try:
-                text = tokenizer.apply_chat_template(messages, body.add_generation_prompt)
-            except Exception as exc:  # noqa: BLE001 - the template raised
-                raise bad_request(f"the chat template rejected the messages: {exc}", "messages") from None
-            tokens = tokenizer.encode(text, add_special_tokens=False)
+            tokens = serving_chat.render_messages(tokenizer, body.messages, body.add_generation_prompt)
         else:
             tokens = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len}
 
-    @app.post("/detokenize")
-    async def detokenize(request: Request):
-        body = serving.parse_body(DetokenizeRequest, await read_json(request, settings.max_body_bytes))
+    def detokenize_body(body: DetokenizeRequest) -> dict:
         serving.check_model(ctx, body.model)
         if engine.tokenizer is None:
             raise bad_request("this model has no tokenizer")
@@ -267,6 +264,16 @@ def build_app(llm: AsyncLLM, settings: ServerSettings) -> FastAPI:
         if bad:
             raise bad_request(f"token id {bad[0]} is out of range for a vocabulary of {vocab}", "tokens")
         return {"prompt": engine.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        body = serving.parse_body(TokenizeRequest, await read_json(request, settings.max_body_bytes))
+        return await asyncio.to_thread(tokenize_body, body)  # a long text or template: off the event loop
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        body = serving.parse_body(DetokenizeRequest, await read_json(request, settings.max_body_bytes))
+        return await asyncio.to_thread(detokenize_body, body)
 
     @app.get("/metrics")
     async def metrics():
