@@ -16,7 +16,6 @@ written (with the command). `--dry-run`: a tiny shape on the CPU, to check the s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics

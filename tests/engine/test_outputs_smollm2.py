@@ -68,7 +68,7 @@ def test_n_samples_share_prompt_blocks_and_match_independent_runs(smollm2_llm):
     for i, tokens in enumerate(texts):
         alone = smollm2_llm.generate(prompt, SamplingParams(temperature=1.0, seed=100 + i, max_tokens=12, ignore_eos=True))
         assert alone[0].outputs[0].token_ids == tokens
-    assert engine.kv.pool.num_free == engine.kv.num_blocks
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
 
 
 def test_logprobs_match_transformers(smollm2_llm, hf_smollm2):

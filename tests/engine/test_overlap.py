@@ -136,7 +136,7 @@ def test_abort_between_overlapped_steps(engines):
     while engine.has_unfinished_requests():
         engine.step()  # the recorded step of the aborted request is dropped
     engine.kv.check_invariants()
-    assert engine.kv.pool.num_free == engine.kv.num_blocks
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
 
 
 LONG = "You are a careful assistant for a bakery. You know every bread, its flour, its oven time and its price. " * 3
@@ -158,6 +158,6 @@ def test_same_outputs_under_preemption_prefix_hits_and_a_host_tier(layout):
         engine = llm.engine
         assert engine.scheduler.num_preemptions > 0 and engine.kv.connector.hits["host"] > 0
         engine.kv.check_invariants()
-        assert engine.kv.pool.num_free == engine.kv.num_blocks
+        assert engine.kv.num_free_blocks == engine.kv.num_blocks
         got[overlap] = [[c.token_ids for c in o.outputs] for o in first + rest]
     assert got[True] == got[False]

@@ -115,4 +115,4 @@ def test_decode_pages_are_mapped_ahead_by_the_helper():
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in paged]
     llm.engine.step()
     llm.engine.kv.check_invariants()
-    assert llm.engine.kv.pool.num_free == llm.engine.kv.num_blocks  # look-ahead blocks were freed too
+    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks  # look-ahead blocks were freed too

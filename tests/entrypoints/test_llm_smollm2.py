@@ -143,7 +143,7 @@ def test_preemption_matches_alone(mixed_prompts, alone_outputs, hf_smollm2):
     llm = LLM(dtype="float32", num_blocks=40, block_size=16)
     preempted = _greedy(llm, mixed_prompts)
     assert llm.engine.scheduler.num_preemptions > 0
-    assert llm.engine.kv.pool.num_free == 40
+    assert llm.engine.kv.num_free_blocks == 40
     _check_invariance(hf_smollm2[1], mixed_prompts, alone_outputs, preempted, "after preemption")
 
 

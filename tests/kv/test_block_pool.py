@@ -49,7 +49,7 @@ def test_manager_grows_allocation_by_blocks():
     assert kv.allocate_slots("a", 9)
     assert len(kv.block_ids("a")) == 3
     assert not kv.allocate_slots("b", 13)  # needs 4, only 2 free
-    assert kv.block_ids("b") == [] and kv.pool.num_free == 2  # a refused request takes nothing
+    assert kv.block_ids("b") == [] and kv.num_free_blocks == 2  # a refused request takes nothing
     kv.free("a")
-    assert kv.pool.num_free == 5
+    assert kv.num_free_blocks == 5
     assert kv.can_ever_fit(20) and not kv.can_ever_fit(21)

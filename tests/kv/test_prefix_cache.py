@@ -90,7 +90,7 @@ def test_manager_reuses_full_computed_blocks_and_leaves_one_token():
     assert kv.find_cached_prefix("c", prompt[:8]).blocks == hits[:1]
     kv.free("a")
     kv.free("b")
-    assert kv.pool.num_free == 10 and kv.find_cached_prefix("d", prompt).blocks == hits
+    assert kv.num_free_blocks == 10 and kv.find_cached_prefix("d", prompt).blocks == hits
     kv.check_invariants()
 
 
@@ -104,7 +104,7 @@ def test_refused_allocation_with_hits_changes_nothing():
     assert len(hits) == 2
     # b needs 2 hits + 2 fresh blocks, and taking the hits leaves 0 free: refused.
     assert not kv.allocate_slots("b", 8, hits)
-    assert kv.block_ids("b") == [] and kv.pool.num_free == 2 and kv.pool.ref_counts[hits[0]] == 0
+    assert kv.block_ids("b") == [] and kv.num_free_blocks == 2 and kv.pool.ref_counts[hits[0]] == 0
     kv.free("x")
     assert kv.allocate_slots("b", 8, hits) and kv.block_ids("b")[:2] == hits
     kv.check_invariants()
@@ -175,7 +175,7 @@ def test_preempted_request_finds_its_own_blocks_again():
         sched.kv.check_invariants()
     assert sched.num_preemptions >= 1 and readmitted
     assert all(start >= 8 for start in readmitted)  # its prompt blocks came back from the cache
-    assert not sched.has_unfinished() and sched.kv.pool.num_free == 7
+    assert not sched.has_unfinished() and sched.kv.num_free_blocks == 7
 
 
 # ---- randomized: thousands of requests with aborts and preemptions ---------------------------------
@@ -255,5 +255,5 @@ def test_random_workload_keeps_counts_consistent_and_leaks_nothing(ops, block_si
     event("preempted" if sched.num_preemptions else "no preemption")
     event("cache hits" if sched.kv.prefix_cache_hits else "no cache hit")
     event("evictions" if sched.kv.pool.num_evictions else "no eviction")
-    assert sched.kv.pool.num_free == num_blocks and not any(sched.kv.pool.ref_counts)
+    assert sched.kv.num_free_blocks == num_blocks and not any(sched.kv.pool.ref_counts)
     assert not sched.kv._blocks and not sched.kv._hashes

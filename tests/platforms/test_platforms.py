@@ -76,3 +76,27 @@ def test_kv_cache_size_and_layouts():
 def test_the_engine_reports_its_device(smollm2_llm):
     engine = smollm2_llm.engine
     assert engine.platform.device == torch.device("cpu") and engine.runner.kv_caches[0].device.type == "cpu"
+
+
+def test_cuda_sizes_the_kv_cache_from_what_the_largest_step_leaves(monkeypatch):
+    """The budget arithmetic, with torch.cuda's memory counters faked (no GPU here): total x
+    utilization, less what is in use, less the profiled step's peak; none left is a clear error."""
+    gib = 1 << 30
+    state = {"allocated": 3 * gib, "peak": 3 * gib, "free": 70 * gib}
+
+    def run_largest_step():
+        state["peak"] = state["allocated"] + 2 * gib  # the step's activations: 2 GiB at their peak
+
+    fake = dict(empty_cache=lambda: None, reset_peak_memory_stats=lambda device=None: None,
+                memory_allocated=lambda device=None: state["allocated"],
+                max_memory_allocated=lambda device=None: state["peak"],
+                mem_get_info=lambda device=None: (state["free"], 80 * gib))
+    for name, fn in fake.items():
+        monkeypatch.setattr(torch.cuda, name, fn)
+    cuda = cuda_policy()
+    cuda.device = torch.device("cuda", 0)
+    budget = cuda.kv_cache_bytes(CacheConfig(gpu_memory_utilization=0.5), run_largest_step)
+    assert budget == 40 * gib - 10 * gib - 2 * gib
+    state["free"] = 41 * gib  # 39 GiB in use (another process too): 40 - 39 - 2 < 0
+    with pytest.raises(ValueError, match="no GPU memory is left for the KV cache"):
+        cuda.kv_cache_bytes(CacheConfig(gpu_memory_utilization=0.5), run_largest_step)

@@ -54,7 +54,7 @@ def test_no_step_is_scheduled_past_max_tokens():
     assert s3.is_empty
     changed = s.update(s2, tokens(s2, 6))
     assert changed[0].finish_reason == "length" and changed[0].output_token_ids == [5, 6]
-    assert not s.has_unfinished() and s.kv.pool.num_free == 100
+    assert not s.has_unfinished() and s.kv.num_free_blocks == 100
 
 
 def test_a_request_preempted_while_its_step_computes_keeps_that_token():

@@ -149,11 +149,11 @@ def test_timeout_ends_waiting_and_running_requests_and_frees_blocks():
     s.add(running)
     s.add(waiting)
     step(s)
-    assert running.num_computed_tokens == 8 and s.kv.pool.num_free < 20
+    assert running.num_computed_tokens == 8 and s.kv.num_free_blocks < 20
     running.deadline = waiting.deadline = time.monotonic() - 1
     out = s.schedule()
     assert not out.scheduled
     changed = s.update(out, RunnerOutput())
     assert {r.request_id for r in changed} == {"running", "waiting"}
     assert all(r.finish_reason == "timeout" for r in changed)
-    assert not s.has_unfinished() and s.kv.pool.num_free == 20
+    assert not s.has_unfinished() and s.kv.num_free_blocks == 20

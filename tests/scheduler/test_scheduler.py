@@ -38,7 +38,7 @@ def test_prompt_within_budget_runs_whole_then_decodes_one_token_per_step():
     assert out.scheduled[0].token_ids == [7]
     _, changed = step(sched)
     assert changed[0].finished and changed[0].finish_reason == "length"
-    assert not sched.has_unfinished() and sched.kv.pool.num_free == 100
+    assert not sched.has_unfinished() and sched.kv.num_free_blocks == 100
 
 
 def test_long_prompt_is_chunked_while_decodes_keep_running():
@@ -88,7 +88,7 @@ def test_preemption_frees_the_newest_and_requeues_it_first():
     sched.add(make_request("b", 8))
     sched.add(make_request("c", 4))
     step(sched)  # a, b: 2 blocks each; c: 1 block -> pool full
-    assert sched.kv.pool.num_free == 0
+    assert sched.kv.num_free_blocks == 0
     out, _ = step(sched)  # a needs a 3rd block: c (newest) is preempted, then b
     assert "c" in out.preempted_ids
     c = sched.requests["c"]
@@ -110,7 +110,7 @@ def test_preempted_request_is_recomputed_and_finishes():
             break
     assert finished == {"a", "b", "c"}
     assert sched.num_preemptions > 0
-    assert sched.kv.pool.num_free == 6
+    assert sched.kv.num_free_blocks == 6
 
 
 def test_request_alone_that_outgrows_the_cache_ends_with_length():
@@ -123,7 +123,7 @@ def test_request_alone_that_outgrows_the_cache_ends_with_length():
         if not sched.has_unfinished():
             break
     assert reasons == ["length"]
-    assert len(sched.requests) == 0 and sched.kv.pool.num_free == 2
+    assert len(sched.requests) == 0 and sched.kv.num_free_blocks == 2
 
 
 def test_stop_token_finishes_and_frees():
@@ -131,7 +131,7 @@ def test_stop_token_finishes_and_frees():
     sched.add(make_request("a", 4, stop=frozenset({7})))
     _, changed = step(sched, token=7)
     assert changed[0].finish_reason == "stop"
-    assert sched.kv.pool.num_free == 100
+    assert sched.kv.num_free_blocks == 100
 
 
 def test_abort_frees_blocks_of_running_and_waiting():
@@ -142,7 +142,7 @@ def test_abort_frees_blocks_of_running_and_waiting():
     assert sched.abort("a").finish_reason == "abort"
     assert sched.abort("b").finish_reason == "abort"
     assert sched.abort("missing") is None
-    assert not sched.has_unfinished() and sched.kv.pool.num_free == 100
+    assert not sched.has_unfinished() and sched.kv.num_free_blocks == 100
 
 
 def test_block_ids_cover_the_scheduled_tokens():

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from xllm.config import DTYPE_CHOICES
+from xllm.config import DEVICES, DTYPE_CHOICES
 from xllm.entrypoints.cli_bench import add_bench_parser
 from xllm.entrypoints.cli_models import add_convert_parser, add_models_parser
 from xllm.entrypoints.cli_serve import add_serve_parser
@@ -29,7 +29,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="precision of weights and KV cache; auto = the checkpoint's (on the CPU: float32 for a GGUF, bfloat16 for a "
         "float16 checkpoint; on CUDA: half precision, bfloat16 for float32 checkpoints and GGUFs); float16 needs CUDA",
     )
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+    g.add_argument("--device", default="auto", choices=DEVICES,
                    help="where the model runs: cpu, cuda, or auto (default: CUDA when torch sees a GPU, else the CPU)")
     g.add_argument("--max-model-len", type=int, default=None, help="context limit in tokens (default: the model's)")
     g.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB",

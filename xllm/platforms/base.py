@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 import torch
 
 from xllm.config import CacheConfig, dtype_name
-
-logger = logging.getLogger(__name__)
 
 GIB = 1 << 30
 
@@ -62,17 +59,12 @@ class Platform:
         return None
 
     # ---- memory -----------------------------------------------------------------------------
-    def kv_cache_bytes(self, cache: CacheConfig, profile_peak: Callable[[], int]) -> int:
-        """Bytes for the KV cache. `profile_peak()` runs the largest step once and returns the
-        activation bytes at its peak (used where memory is sized from what is free)."""
+    def kv_cache_bytes(self, cache: CacheConfig, run_largest_step: Callable[[], None]) -> int:
+        """Bytes for the KV cache. `run_largest_step()` runs the largest step the engine schedules
+        once (over a scratch cache it frees), for a platform that sizes the cache from what is
+        free after measuring that step's peak."""
         raise NotImplementedError
 
     def new_page_pool(self, num_pages: int, page_bytes: int, range_pages: int, dtype: torch.dtype, num_slots: int):
         """The xTensor layout's physical page pool with per-sequence virtual ranges."""
         raise NotImplementedError
-
-    def memory_summary(self) -> str:
-        return ""
-
-    def synchronize(self) -> None:
-        """Wait for queued device work (timing)."""

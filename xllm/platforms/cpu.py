@@ -54,7 +54,7 @@ class CpuPlatform(Platform):
                         arena.nbytes / 2**20, huge_page_kib(arena) / 1024)
         return arena
 
-    def kv_cache_bytes(self, cache: CacheConfig, profile_peak: Callable[[], int]) -> int:
+    def kv_cache_bytes(self, cache: CacheConfig, run_largest_step: Callable[[], None]) -> int:
         gib = cache.kv_cache_memory_gib if cache.kv_cache_memory_gib is not None else DEFAULT_KV_CACHE_GIB
         return int(gib * GIB)
 

@@ -34,11 +34,15 @@ class CudaPlatform(Platform):
         # bfloat16, as vLLM runs float32 models in half precision on a GPU.
         return torch.float16 if checkpoint_dtype == "float16" else torch.bfloat16
 
-    def kv_cache_bytes(self, cache: CacheConfig, profile_peak: Callable[[], int]) -> int:
+    def kv_cache_bytes(self, cache: CacheConfig, run_largest_step: Callable[[], None]) -> int:
         if cache.kv_cache_memory_gib is not None:
             return int(cache.kv_cache_memory_gib * GIB)
         torch.cuda.empty_cache()
-        peak = profile_peak()  # activations of the largest step, above what is allocated now
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        run_largest_step()
+        # its activations at their peak (and its small scratch cache: a slight over-estimate)
+        peak = torch.cuda.max_memory_allocated(self.device) - before
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         used = total - free  # weights, the CUDA context, other processes
@@ -55,10 +59,3 @@ class CudaPlatform(Platform):
                 f"{cache.gpu_memory_utilization}; raise it, or lower --max-num-batched-tokens"
             )
         return budget
-
-    def memory_summary(self) -> str:
-        free, total = torch.cuda.mem_get_info(self.device)
-        return f"{(total - free) / GIB:.2f} of {total / GIB:.1f} GiB in use"
-
-    def synchronize(self) -> None:
-        torch.cuda.synchronize(self.device)
