@@ -153,11 +153,23 @@ def test_saves_spill_the_least_recent_host_entry_and_disk_keeps_its_bound():
     meta = tiers.take_meta()
     # host holds 2: each further save first spills the oldest host entry; disk keeps 3, oldest deleted
     assert [t.kind for t in meta.transfers] == ["save", "save", "spill", "save", "spill", "save", "spill", "save",
-                                                "spill", "delete", "save"]
+                                                "delete", "spill", "save"]
     assert [tiers.tier_of(h(b)) for b in range(6)] == [None, "disk", "disk", "disk", "host", "host"]
     assert tiers.disk_bytes == 300
     tiers.on_evict(9, h(4))  # already in the host tier: nothing to save
     assert not tiers.take_meta().transfers
+
+
+def test_a_restart_over_a_smaller_bound_deletes_the_oldest_entries():
+    """Entries found at start past the bound are deleted (not just forgotten, which would leave
+    files no bound ever counts)."""
+    tiers = TierScheduler(1, host_tier=True, disk_entry_bytes=100, disk_limit=200, disk_entries=[h(i) for i in range(4)])
+    assert kinds(tiers.take_meta()) == [("delete", -1, -1), ("delete", -1, -1)]
+    assert [tiers.tier_of(h(i)) for i in range(4)] == [None, None, "disk", "disk"]
+    nothing = TierScheduler(1, host_tier=False, disk_entry_bytes=100, disk_limit=50)  # not even one entry fits
+    nothing.on_evict(0, h(9))
+    assert not nothing.take_meta().transfers and nothing.tier_of(h(9)) is None
+    nothing.check_invariants()
 
 
 def test_disk_only_spills_each_save_at_once_through_a_staging_slot():

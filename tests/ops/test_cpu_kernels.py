@@ -223,10 +223,9 @@ def test_every_dispatcher_falls_back_for_tensors_off_the_cpu(refusing):
     ranges = meta(4, 3, 16, 1, 8)
     assert cpu_kernels.range_decode_attention(meta(2, 4, 8), ranges, ranges, lens, lens, 0.3) is None
     assert not cpu_kernels.decode_layer_ready(meta(2, 8))
+    assert not cpu_kernels.on_cpu(torch.zeros(1), meta(1)) and cpu_kernels.on_cpu(torch.zeros(1), None)
     with pytest.raises(ValueError, match="CPU"):
         cpu_kernels.gemv(meta(2, 8), meta(16, 8))
-    with pytest.raises(ValueError, match="CPU"):
-        cpu_kernels.decode_layer(meta(2, 8), None, meta(8))
 
 
 def test_a_cpu_activation_with_a_weight_elsewhere_is_not_sent_to_the_kernel(refusing):
@@ -246,6 +245,9 @@ def test_the_kernels_themselves_refuse_tensors_off_the_cpu(kernels):
         "write_kv": (meta(2, 4, 16, 1, 8), meta(3, 1, 8), meta(3, 1, 8), meta(3, dtype=torch.long)),
         "paged_decode_attention": (meta(2, 4, 8), meta(2, 4, 16, 1, 8), meta(2, 3, dtype=torch.long),
                                    meta(2, dtype=torch.long), 0.3),
+        "decode_layer": (meta(1, 8), None, meta(8), meta(24, 8), None, meta(8, 8), meta(8), meta(32, 8), meta(8, 16),
+                         meta(1, 1, 4), meta(1, 1, 4), meta(2, 4, 16, 1, 4), meta(1, 1, dtype=torch.long),
+                         meta(1, dtype=torch.long), meta(1, dtype=torch.long), 2, 1, 1e-6, 0.5),
     }
     for name, args in calls.items():
         with pytest.raises(RuntimeError, match="CPU tensors only"):

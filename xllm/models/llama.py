@@ -80,7 +80,7 @@ _FUSED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _fusable_cache(cache: torch.Tensor | None) -> bool:
-    return cache is not None and cache.dtype in _FUSED_DTYPES and cache.is_contiguous()
+    return cache is not None and cache.dtype in _FUSED_DTYPES and cache.is_contiguous() and cpu_kernels.on_cpu(cache)
 
 
 class LlamaModel(nn.Module):
@@ -142,7 +142,7 @@ class LlamaModel(nn.Module):
                            mlp.down_proj.weight)
                 ok = a.q_norm is None and all(
                     w is None or (w.dtype in _FUSED_DTYPES and w.is_contiguous()) for w in weights
-                ) and layer.input_layernorm.eps == layer.post_attention_layernorm.eps
+                ) and layer.input_layernorm.eps == layer.post_attention_layernorm.eps and cpu_kernels.on_cpu(*weights)
                 if not ok:
                     args = None
                     break

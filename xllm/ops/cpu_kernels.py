@@ -119,22 +119,22 @@ def active() -> bool:
     return _enabled and _module is not None
 
 
-def _on_cpu(*tensors: torch.Tensor | None) -> bool:
+def on_cpu(*tensors: torch.Tensor | None) -> bool:
     """Whether every tensor given lives on the CPU: the kernels dereference host pointers, so any
     other device (CUDA, meta) takes the torch path."""
-    return all(t is None or t.device.type == "cpu" for t in tensors)
+    return all(t is None or t.is_cpu for t in tensors)
 
 
 def _ready(*tensors: torch.Tensor | None) -> bool:
     """The compiled kernels are on, and every tensor is one they can read."""
-    return _enabled and _module is not None and _on_cpu(*tensors)
+    return _enabled and _module is not None and on_cpu(*tensors)
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The compiled kernel itself: [M, K] x [N, K] -> [M, N] float32. Requires `load()`/`build()`."""
     if _module is None:
         raise RuntimeError("CPU kernels not loaded")
-    if not _on_cpu(x, w, bias):
+    if not on_cpu(x, w, bias):
         raise ValueError("gemv: the CPU kernel needs CPU tensors")
     return _module.gemv(x, w, bias)
 
@@ -152,7 +152,7 @@ def prepack(w: torch.Tensor) -> torch.Tensor | None:
     gets it for middle batches (33-128 rows). A bfloat16 weight on a CPU without native bfloat16
     gets it for every batch past the skinny kernel: the copy holds the same values widened, so the
     product is the bfloat16 weights' with float32 arithmetic, at float32 speed."""
-    if not _on_cpu(w) or not torch.backends.mkldnn.is_available():
+    if not on_cpu(w) or not torch.backends.mkldnn.is_available():
         return None
     if w.dtype == torch.bfloat16 and not native_bf16():
         w = w.float()
@@ -178,7 +178,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, p
         and w.is_contiguous()
     ):
         return _module.gemv(x, w, bias).to(x.dtype)
-    if packed is not None and x.dim() == 2 and _on_cpu(x, bias):
+    if packed is not None and x.dim() == 2 and on_cpu(x, bias):
         if x.dtype == torch.float32 and x.shape[0] <= PACKED_MAX_ROWS:
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
         if x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16:  # the widened copy (`prepack`)
@@ -256,9 +256,9 @@ def decode_layer_ready(x: torch.Tensor) -> bool:
 
 def decode_layer(x: torch.Tensor, residual: torch.Tensor | None, *args) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoder layer of a decode-only batch in one C++ call (csrc/decode_layer.cpp); the caller
-    checks `decode_layer_ready` and that the layer's weights and cache qualify."""
-    if not _on_cpu(x, residual, *(a for a in args if isinstance(a, torch.Tensor))):
-        raise ValueError("decode_layer: the CPU kernel needs every tensor on the CPU")
+    checks `decode_layer_ready` and that the layer's weights and cache qualify (on the CPU
+    included: once per model for the weights, once per step for the cache, not per call; the
+    C++ entry point refuses other devices too)."""
     return _module.decode_layer(x, residual, *args)
 
 

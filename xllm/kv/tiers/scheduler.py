@@ -41,8 +41,8 @@ class TierScheduler:
         self.hits = {"host": 0, "disk": 0}  # blocks loaded back from each tier
         self.num_corrupt = 0  # disk entries found damaged or foreign when read
         self.num_lost = 0  # disk writes dropped by the worker
-        for h in disk_entries:
-            self._disk_add(h, record=False)
+        for h in disk_entries:  # a restart: oldest first; past the bound (a smaller one now) the oldest go
+            self._disk_add(h)
 
     # ---- where a hash is ------------------------------------------------------------------
     def tier_of(self, block_hash: bytes) -> str | None:
@@ -82,23 +82,25 @@ class TierScheduler:
         return slot
 
     def _spill(self, block_hash: bytes, slot: int) -> None:
-        self._transfers.append(KVTransfer("spill", slot=slot, block_hash=block_hash))
-        self._disk_add(block_hash)
+        if self._disk_add(block_hash):  # else the disk has no room for it: the entry is dropped
+            self._transfers.append(KVTransfer("spill", slot=slot, block_hash=block_hash))
 
-    def _disk_add(self, block_hash: bytes, record: bool = True) -> None:
+    def _disk_add(self, block_hash: bytes) -> bool:
+        """Index `block_hash` as a disk entry, deleting the oldest entries past the byte bound (never
+        one being read); False when it does not fit."""
         if block_hash in self._disk:
             self._disk.move_to_end(block_hash)
-            return
+            return True
         if self.disk_entry_bytes > self.disk_limit:
-            return
+            return False
         while self.disk_bytes + self.disk_entry_bytes > self.disk_limit:
             old = next((h for h in self._disk if h not in self._reading), None)
             if old is None:
-                return
+                return False
             del self._disk[old]
-            if record:
-                self._transfers.append(KVTransfer("delete", block_hash=old))
+            self._transfers.append(KVTransfer("delete", block_hash=old))
         self._disk[block_hash] = None
+        return True
 
     # ---- the device pool's side -------------------------------------------------------------
     def on_evict(self, block: int, block_hash: bytes) -> None:
@@ -111,11 +113,13 @@ class TierScheduler:
         slot = self._take_slot()
         if slot is None:
             return
-        self._transfers.append(KVTransfer("save", block=block, slot=slot))
         if self.host_tier:
+            self._transfers.append(KVTransfer("save", block=block, slot=slot))
             self._host[block_hash] = slot
         else:  # staging only: straight on to disk, the slot is free again
-            self._spill(block_hash, slot)
+            if self._disk_add(block_hash):
+                self._transfers.append(KVTransfer("save", block=block, slot=slot))
+                self._transfers.append(KVTransfer("spill", slot=slot, block_hash=block_hash))
             self._free.append(slot)
 
     def available(self, hashes: list[bytes]) -> int:
