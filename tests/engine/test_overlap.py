@@ -161,3 +161,35 @@ def test_same_outputs_under_preemption_prefix_hits_and_a_host_tier(layout):
         assert engine.kv.num_free_blocks == engine.kv.num_blocks
         got[overlap] = [[c.token_ids for c in o.outputs] for o in first + rest]
     assert got[True] == got[False]
+
+
+def test_a_step_that_was_empty_when_scheduled_does_not_wait_for_reads_once_joined():
+    """The worker may wait for lower-tier reads only in a step with nothing to compute: a step
+    scheduled empty (with reads in flight) that requests then joined must not wait."""
+    from xllm.engine.pipeline import StepPipeline
+    from xllm.kv.connector import KVConnectorMeta
+    from xllm.scheduler.output import SchedulerOutput
+
+    class KV:
+        reads_pending = True
+
+        def take_freed(self):
+            return []
+
+    class Scheduler:
+        def admit_more(self, out):
+            out.scheduled.append(item)
+            return True
+
+        requests = {}
+
+        def has_unfinished(self):
+            return True
+
+    item = type("Item", (), {"request_id": "r", "epoch": 0})()
+    pipeline = StepPipeline(Scheduler(), KV(), None, None, overlap=False)
+    Scheduler.requests = {"r": type("R", (), {"finished": False, "num_preemptions": 0})()}
+    pipeline._ahead = (SchedulerOutput(kv_meta=KVConnectorMeta(wait_for_reads=True)), None)
+    pipeline.arrived = True
+    scheduled, _ = pipeline._next_step()
+    assert scheduled.scheduled == [item] and not scheduled.kv_meta.wait_for_reads

@@ -195,14 +195,34 @@ def test_fetch_reads_into_the_slots_it_can_take_and_keeps_its_chain():
     assert tiers.tier_of(h(0)) == "host"
     tiers.update(KVConnectorOutput(finished_reads=[(t.block_hash, t.slot, True) for t in meta.transfers]))
     assert tiers.available([h(i) for i in range(6)]) == 3
-    assert tiers.fetch([h(i) for i in range(3, 6)])  # h(0..2) are loaded first: their slots take the reads
-    assert [t.kind for t in tiers.take_meta().transfers] == ["spill", "read", "read", "read"]  # h(0) was not on disk
+    for i in range(3):
+        tiers.load(h(i), 10 + i)  # h(0..2) are loaded first: their slots can take the reads
+    assert tiers.fetch([h(i) for i in range(3, 6)])
+    # after the loads: h(0), not on disk yet, is spilled before its slot takes a read
+    assert [t.kind for t in tiers.take_meta().transfers] == ["load", "load", "load", "spill", "read", "read", "read"]
     tiers.check_invariants()
     small = TierScheduler(1, host_tier=True, disk_entry_bytes=100, disk_limit=10_000, disk_entries=[h(2)])
     small.on_evict(0, h(1))
     small.take_meta()
     assert not small.fetch([h(1), h(2)])  # the one slot holds the chain's h(1): nothing to read into
     assert not small.take_meta().transfers and small.tier_of(h(1)) == "host"
+
+
+def test_the_slots_a_lookup_loads_from_are_pinned_until_loaded():
+    """Between `available` and `load`, allocating the device blocks may evict others, whose saves
+    must not take the slots about to be loaded (they would be gone: a KeyError, a lost hit)."""
+    tiers = TierScheduler(2, host_tier=True)
+    tiers.on_evict(0, h(1))
+    tiers.on_evict(1, h(2))
+    tiers.take_meta()
+    assert tiers.available([h(1), h(2)]) == 2
+    tiers.on_evict(5, h(9))  # an eviction while the device blocks are allocated: no slot to give
+    tiers.load(h(1), 7)
+    tiers.load(h(2), 8)
+    assert [t.kind for t in tiers.take_meta().transfers] == ["load", "load"] and tiers.hits["host"] == 2
+    tiers.on_evict(5, h(9))  # the pins end with the lookup: the LRU entry's slot is taken now
+    assert tiers.tier_of(h(9)) == "host" and tiers.tier_of(h(1)) is None
+    tiers.check_invariants()
 
 
 def test_a_damaged_read_frees_its_slot_and_forgets_the_entry():

@@ -13,6 +13,8 @@ same checks through the CPU platform.
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -146,6 +148,9 @@ def test_the_kv_cache_is_sized_from_free_gpu_memory(checkpoint):
     assert used <= 0.2 * total * 1.02  # weights + cache + the CUDA context within the share asked for
     out = llm.generate(prompts(2), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     assert all(len(o.outputs[0].token_ids) == 4 for o in out)
+    del llm, out  # its cache is most of the GPU: give it back before the next test sizes one
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 @pytest.mark.cuda
@@ -169,14 +174,25 @@ def test_the_server_runs_on_cuda(checkpoint):
         assert http.get("/health").status_code == 200
 
 
-def test_the_profiling_step_runs_over_a_scratch_cache(checkpoint):
-    """What CUDA runs once to measure activations before sizing the KV cache: the largest step, in
-    sequences no longer than the context, over a scratch cache; the real cache is bound after."""
+def test_the_profiled_steps_run_when_the_cache_is_sized_from_free_memory(checkpoint, monkeypatch):
+    """What CUDA runs once to measure activations before it sizes the KV cache, run here through
+    the CPU platform made to size the same way: the largest prefill (in sequences no longer than
+    the context), a chunk over the longest context and a batch of decodes there, over a scratch
+    cache; the real cache is allocated and bound after."""
+    from xllm.platforms.cpu import CpuPlatform
+
+    ran = []
+
+    def kv_cache_bytes(self, cache, run_largest_steps):
+        run_largest_steps()
+        ran.append(True)
+        return 1 << 22
+
+    monkeypatch.setattr(CpuPlatform, "kv_cache_bytes", kv_cache_bytes)
     _, folder = checkpoint
-    llm = LLM(folder, device="cpu", dtype="float32", kv_cache_memory_gib=0.01, max_model_len=300)
+    llm = LLM(folder, device="cpu", dtype="float32", max_model_len=300, max_num_batched_tokens=700, max_num_seqs=8)
     runner = llm.engine.runner
-    runner._largest_step(700, 16, 300)()  # three sequences: 300 + 300 + 100 tokens
-    assert all(layer.kv_cache is None for layer in runner.model.attention_layers())
-    runner.bind_cache()
+    assert ran and runner.num_blocks == (1 << 22) // (2 * SHAPE["num_hidden_layers"] * 16 * 2 * 64 * 4)
+    assert all(layer.kv_cache is cache for layer, cache in zip(runner.model.attention_layers(), runner.kv_caches))
     out = llm.generate(prompts(2), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
     assert all(len(o.outputs[0].token_ids) == 3 for o in out)

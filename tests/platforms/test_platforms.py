@@ -100,3 +100,27 @@ def test_cuda_sizes_the_kv_cache_from_what_the_largest_step_leaves(monkeypatch):
     state["free"] = 41 * gib  # 39 GiB in use (another process too): 40 - 39 - 2 < 0
     with pytest.raises(ValueError, match="no GPU memory is left for the KV cache"):
         cuda.kv_cache_bytes(CacheConfig(gpu_memory_utilization=0.5), run_largest_step)
+
+
+def test_cuda_host_memory_is_registered_at_its_exact_size(monkeypatch, caplog):
+    """The host tier's memory on CUDA: plain memory registered with cudaHostRegister (pin_memory
+    would round it up to a power of two); a driver that refuses leaves it unpinned, with a warning."""
+    calls = []
+
+    class Cudart:
+        def __init__(self, status):
+            self.status = status
+
+        def cudaHostRegister(self, ptr, size, flags):  # noqa: N802 - CUDA's name
+            calls.append((ptr, size, flags))
+            return self.status
+
+    cuda = cuda_policy()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Cudart(0))
+    buffer = cuda.host_buffer((3, 5), torch.float32)
+    assert buffer.shape == (3, 5) and calls == [(buffer.data_ptr(), 60, 0)]
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Cudart(2))  # cudaErrorMemoryAllocation
+    with caplog.at_level("WARNING"):
+        assert cuda.host_buffer((4,), torch.float32).shape == (4,)
+    assert "could not page-lock" in caplog.text
+    assert CpuPlatform().host_buffer((2, 2), torch.bfloat16).dtype is torch.bfloat16

@@ -89,7 +89,7 @@ class LLMEngine:
                                          cache.kv_layout, rank=0, block_shape=block_shape)
         scheduler_side, worker_side = build_tiers(
             self.runner.kv_caches, int(cache.kv_host_memory_gib * (1 << 30)), cache.kv_disk_dir,
-            int(cache.kv_disk_gib * (1 << 30)) if cache.kv_disk_dir else 0, fingerprint, self.platform.pin_memory,
+            int(cache.kv_disk_gib * (1 << 30)) if cache.kv_disk_dir else 0, fingerprint, self.platform.host_buffer,
         )
         self.runner.kv_connector = worker_side
         return scheduler_side

@@ -71,8 +71,15 @@ class OutputProcessor:
         return group_id in self.groups
 
     def output_of(self, group_id: str) -> RequestOutput | None:
+        """The output of a group now (after an abort: its final one); None if it is not known."""
         group = self.groups.get(group_id)
-        return None if group is None else self._output(group)
+        if group is None:
+            return None
+        try:
+            return self._output(group)
+        except Exception as exc:  # noqa: BLE001 - this request fails alone
+            self._fail(group, f"building its output failed: {exc!r}")
+            return self._error_output(group)
 
     # ---- after a step -----------------------------------------------------------------------
     def process(self, scheduled: SchedulerOutput, requests: list[Request], result: RunnerOutput) -> list[RequestOutput]:
@@ -90,7 +97,8 @@ class OutputProcessor:
         for item in scheduled.scheduled:  # prompt logprobs arrive with prompt chunks, before any token
             if item.request_id in result.prompt_logprobs and item.request_id in self._sample_group:
                 group = self._sample_group[item.request_id][0]
-                changed[group.request_id] = group
+                if self._prompt_logprobs_done(group):  # an output when they are all there, not per chunk
+                    changed[group.request_id] = group
         outputs = []
         for group in changed.values():
             try:
@@ -131,8 +139,16 @@ class OutputProcessor:
             for tid, lp, rank in zip(entry.token_ids, entry.logprobs, entry.ranks)
         }
 
+    @staticmethod
+    def _prompt_logprobs_done(group: _Group) -> bool:
+        lead = group.samples[0].request
+        return len(lead.prompt_logprobs) >= len(group.prompt_token_ids) - 1
+
     def _output(self, group: _Group) -> RequestOutput:
         want_logprobs = group.params.logprobs is not None
+        # the whole text, tokens and logprobs go in the group's final output only: a running
+        # request's outputs (a finished sample's too, while its siblings run) are deltas
+        whole = group.finished
         completions = []
         for index, sample in enumerate(group.samples):
             request = sample.request
@@ -145,13 +161,11 @@ class OutputProcessor:
             completions.append(
                 CompletionOutput(
                     index=index,
-                    # the whole text, tokens and logprobs only once finished: a running request's
-                    # outputs are its deltas
-                    text=sample.detokenizer.visible_text if finished else "",
-                    token_ids=list(tokens) if finished else [],
+                    text=sample.detokenizer.visible_text if whole else "",
+                    token_ids=list(tokens) if whole else [],
                     finish_reason=request.finish_reason,
                     stop_reason=request.stop_reason,
-                    logprobs=list(sample.logprobs) if want_logprobs and finished else None,
+                    logprobs=list(sample.logprobs) if want_logprobs and whole else None,
                     delta_text=delta,
                     delta_token_ids=tokens[sample.sent_tokens :],
                     delta_logprobs=sample.logprobs[sample.sent_logprobs :] if want_logprobs else None,
@@ -159,12 +173,10 @@ class OutputProcessor:
             )
             sample.sent_tokens = len(tokens)
             sample.sent_logprobs = len(sample.logprobs)
-        if group.params.prompt_logprobs is not None:
+        if group.params.prompt_logprobs is not None and group.prompt_logprobs is None and self._prompt_logprobs_done(group):
+            # converted once, when every prompt position has its entry; the list never changes after
             lead = group.samples[0].request
-            if group.prompt_logprobs is None:
-                group.prompt_logprobs = [None]  # the first prompt token has none
-            have = len(group.prompt_logprobs) - 1
-            group.prompt_logprobs.extend(self._position_logprobs(e) for e in lead.prompt_logprobs[have:])
+            group.prompt_logprobs = [None] + [self._position_logprobs(e) for e in lead.prompt_logprobs]  # the first has none
         finished = group.finished
         if finished:
             self._forget(group)

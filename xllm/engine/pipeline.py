@@ -121,6 +121,9 @@ class StepPipeline:
                 dropped.kv_meta.extend(scheduled.kv_meta)  # its transfers were decided first
                 scheduled.kv_meta = dropped.kv_meta
         scheduled.freed_ids += self.kv.take_freed()
+        # the worker may wait for disk reads only in a step with nothing to compute (requests may
+        # have joined one that was empty when scheduled)
+        scheduled.kv_meta.wait_for_reads = scheduled.is_empty and self.kv.reads_pending
         return scheduled, inputs
 
     def _live(self, item) -> bool:

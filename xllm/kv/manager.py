@@ -119,8 +119,13 @@ class KVCacheManager:
         if self.connector is None:
             return KVConnectorMeta()
         meta = self.connector.take_meta()
-        meta.wait_for_reads = nothing_else_runs and self.connector.reads_pending
+        meta.wait_for_reads = nothing_else_runs and self.reads_pending
         return meta
+
+    @property
+    def reads_pending(self) -> bool:
+        """A connector is reading blocks in for some waiting request."""
+        return self.connector is not None and self.connector.reads_pending
 
     def connector_update(self, output: KVConnectorOutput | None) -> None:
         if self.connector is not None and output:

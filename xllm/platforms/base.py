@@ -17,8 +17,6 @@ class Platform:
     name = "base"
     # dtypes the model may run in here (weights, activations and KV cache)
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
-    # host memory for the KV tiers is page-locked, so copies to and from the device can be async
-    pin_memory = False
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -64,6 +62,10 @@ class Platform:
         once (over a scratch cache it frees), for a platform that sizes the cache from what is
         free after measuring that step's peak."""
         raise NotImplementedError
+
+    def host_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Host memory for data that moves to and from the device (the KV host tier)."""
+        return torch.empty(shape, dtype=dtype)
 
     def new_page_pool(self, num_pages: int, page_bytes: int, range_pages: int, dtype: torch.dtype, num_slots: int):
         """The xTensor layout's physical page pool with per-sequence virtual ranges."""

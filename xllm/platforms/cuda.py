@@ -22,7 +22,6 @@ logger = logging.getLogger(__name__)
 class CudaPlatform(Platform):
     name = "cuda"
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
-    pin_memory = True
 
     def __init__(self, index: int | None = None):
         index = torch.cuda.current_device() if index is None else index
@@ -59,3 +58,19 @@ class CudaPlatform(Platform):
                 f"{cache.gpu_memory_utilization}; raise it, or lower --max-num-batched-tokens"
             )
         return budget
+
+    def host_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Page-locked host memory of exactly this size: allocated, then registered with CUDA
+        (`pin_memory=True` would round the allocation up to a power of two: a 40 GiB host tier
+        would lock 64 GiB). Registered for the process's life; unpinned if the driver refuses."""
+        buffer = torch.empty(shape, dtype=dtype)
+        nbytes = buffer.numel() * buffer.element_size()
+        if nbytes:
+            try:
+                status = int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), nbytes, 0))  # 0: cudaSuccess
+            except Exception as exc:  # noqa: BLE001 - no cudart binding: plain memory still works
+                status = exc
+            if status != 0:
+                logger.warning("could not page-lock %.2f GiB of host memory for the KV tiers (%s); copies are synchronous",
+                               nbytes / GIB, status)
+        return buffer

@@ -52,7 +52,7 @@ class Request:
     stop_reason: str | int | None = None
     error: str | None = None  # finish reason "error": what went wrong with this request alone
     num_preemptions: int = 0
-    num_kv_waits: int = 0  # admissions it waited out for its cached prefix to be read in
+    kv_wait_since: float | None = None  # time.monotonic() it began waiting for its prefix to be read in
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     # prompt_logprobs[i] is for prompt token i + 1 (the first prompt token has none).
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)

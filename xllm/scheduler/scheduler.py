@@ -49,7 +49,7 @@ from xllm.scheduler.output import RunnerOutput, ScheduledRequest, SchedulerOutpu
 from xllm.scheduler.request import Request, RequestStatus
 
 _WAITING = (RequestStatus.WAITING, RequestStatus.WAITING_FOR_KV)
-MAX_KV_WAITS = 64  # lookups that may leave a request waiting for lower-tier reads
+MAX_KV_WAIT_S = 10.0  # how long a request may wait for lower-tier reads of its prefix
 
 
 class Scheduler:
@@ -339,11 +339,13 @@ class Scheduler:
         prompt logprobs compute their whole prompt (they need every position)."""
         if request.num_computed_tokens or self.kv.block_ids(request.request_id) or request.params.prompt_logprobs is not None:
             return PrefixLookup([])
-        # A request waits for reads of its prefix a bounded number of times (each wait brings more
-        # of it in); past that it takes what is cached and computes the rest.
+        # A request waits for reads of its prefix for a bounded time (each wait brings more of it
+        # in); past that it takes what is cached and computes the rest.
+        now = time.monotonic()
+        waited = 0.0 if request.kv_wait_since is None else now - request.kv_wait_since
         lookup = self.kv.find_cached_prefix(request.request_id, request.all_token_ids, request.cache_salt,
-                                            fetch=request.num_kv_waits < MAX_KV_WAITS)
-        request.num_kv_waits += lookup.pending
+                                            fetch=waited < MAX_KV_WAIT_S)
+        request.kv_wait_since = (request.kv_wait_since or now) if lookup.pending else None
         return lookup
 
     def _share_prompt(self, request: Request) -> bool:

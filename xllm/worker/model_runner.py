@@ -75,15 +75,16 @@ class ModelRunner:
         self.dtype = dtype
         self.platform = platform or get_platform("cpu")
         self.device = self.platform.device
+        self.xtensor = None  # xtensor layout: the page pool (`XTensorPool` on the CPU)
+        self.kv_connector = None  # the KV connectors' worker side (host/disk tiers), set by the engine
         per_block = kv_bytes_per_block(arch, cache.block_size, dtype)
         if cache.num_blocks:
             self.num_blocks = cache.num_blocks
         else:
             budget = self.platform.kv_cache_bytes(
-                cache, self._largest_step(max_num_batched_tokens, max_num_seqs, max_model_len or arch.max_position_embeddings)
+                cache, self._largest_steps(max_num_batched_tokens, max_num_seqs, max_model_len or arch.max_position_embeddings)
             )
             self.num_blocks = max(1, budget // per_block)
-        self.xtensor = None  # xtensor layout: the page pool (`XTensorPool` on the CPU)
         if cache.kv_layout == "xtensor":
             self.kv_caches, ranges = self._xtensor_cache(max_model_len or arch.max_position_embeddings, max_num_seqs)
         else:
@@ -94,7 +95,6 @@ class ModelRunner:
         self.kv_ranges = ranges
         self.bind_cache()
         self.sampler = Sampler(seed)
-        self.kv_connector = None  # the KV connectors' worker side (host/disk tiers), set by the engine
         self.pages_mapped_in_step = 0  # xtensor: pages mapped while binding a step's inputs
         self.pages_mapped_ahead = 0  # ...and by `map_ahead`, off the critical path
         self.execute_s = 0.0  # time in `execute` (input layout + forward + sampling), summed
@@ -116,29 +116,44 @@ class ModelRunner:
             layer.kv_cache = cache_tensor
             layer.kv_ranges = layer_ranges
 
-    def _largest_step(self, max_tokens: int, max_rows: int, max_len: int) -> Callable[[], None]:
-        """A function that runs the largest step this engine schedules once (`max_tokens` prompt
-        tokens, in sequences of at most `max_len`, then logits for `max_rows` rows and a
-        full-vocabulary sort, as the sampler may do) over a scratch KV cache, which it frees; the
-        platform measures its peak memory around it."""
+    def _largest_steps(self, max_tokens: int, max_rows: int, max_len: int) -> Callable[[], None]:
+        """A function that runs, once each, the steps whose activations are the largest this engine
+        can schedule, over a scratch KV cache it frees; the platform measures the peak around it:
+        - `max_tokens` fresh prompt tokens (in sequences of at most `max_len`);
+        - a chunk of up to `max_tokens` over the longest context (attention over `max_len` keys);
+        - `max_rows` decodes at the longest context (the torch path gathers every sequence's K/V);
+        then logits for `max_rows` rows and a full-vocabulary sort, as the sampler may do. The
+        decodes share one sequence's blocks, so the scratch cache holds `max_len` tokens."""
 
         def run() -> None:
             bs, arch = self.block_size, self.arch
-            blocks = -(-max_tokens // bs) + -(-max_tokens // max_len)  # every sequence's blocks, rounded up
+            context = -(-max_len // bs)  # blocks of the longest sequence, shared by the long steps
+            blocks = context + -(-max_tokens // bs) + -(-max_tokens // max_len)
             shape = (2, blocks, bs, arch.num_key_value_heads, arch.head_dim)
             scratch = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(arch.num_hidden_layers)]
             self.bind_cache(scratch, [None] * arch.num_hidden_layers)
-            items, first_block = [], 0
+            long_blocks = list(range(context))
+            prompts, first_block = [], context
             for start in range(0, max_tokens, max_len):
                 n = min(max_len, max_tokens - start)
                 seq_blocks = list(range(first_block, first_block + -(-n // bs)))
-                items.append(ScheduledRequest(f"profile-{start}", [0] * n, 0, seq_blocks, False, None))
+                prompts.append(ScheduledRequest(f"profile-{start}", [0] * n, 0, seq_blocks, False, None))
                 first_block += len(seq_blocks)
-            inputs = self.layout(SchedulerOutput(items)).to(self.device)
+            chunk = min(max_tokens, max_len - 1)
+            steps = [
+                prompts,
+                [ScheduledRequest("profile-chunk", [0] * chunk, max_len - chunk, long_blocks, False, None)],
+                [ScheduledRequest(f"profile-decode-{i}", [0], max_len - 1, long_blocks, False, None) for i in range(max_rows)],
+            ]
             try:
-                with torch.inference_mode(), forward_context(inputs.md):
-                    hidden = self.model(inputs.input_ids, inputs.positions)
-                    logits = self.model.compute_logits(hidden[-1:].expand(max_rows, -1))
+                with torch.inference_mode():
+                    for items in steps:
+                        inputs = self.layout(SchedulerOutput(items)).to(self.device)
+                        with forward_context(inputs.md):
+                            hidden = self.model(inputs.input_ids, inputs.positions)
+                        del hidden, inputs
+                    logits = self.model.compute_logits(torch.zeros(max_rows, arch.hidden_size, dtype=self.dtype,
+                                                                   device=self.device))
                     logits.sort(dim=-1)
             finally:
                 self.bind_cache([None] * arch.num_hidden_layers, [None] * arch.num_hidden_layers)

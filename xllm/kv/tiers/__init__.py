@@ -25,10 +25,11 @@ WRITE_QUEUE_BYTES = 256 << 20  # disk writes waiting for the writer thread, at m
 
 def build_tiers(
     kv_caches: list[torch.Tensor], host_bytes: int, disk_dir: str | None, disk_bytes: int,
-    fingerprint: tuple[bytes, dict] | None = None, pin_memory: bool = False,
+    fingerprint: tuple[bytes, dict] | None = None, host_buffer=None,
 ) -> tuple[TierScheduler, TierWorker]:
     """The two sides of the tiers over a runner's per-layer caches [2, num_blocks, block_size, Hkv, D].
-    A disk tier needs the KV `fingerprint` (`kv/fingerprint.py`): its folder is keyed by it."""
+    A disk tier needs the KV `fingerprint` (`kv/fingerprint.py`): its folder is keyed by it. The
+    host pool comes from `host_buffer(shape, dtype)` (the platform's; plain memory by default)."""
     _, _, bs, hkv, d = kv_caches[0].shape
     block_bytes = len(kv_caches) * 2 * bs * hkv * d * kv_caches[0].element_size()
     host_slots = host_bytes // block_bytes
@@ -47,4 +48,4 @@ def build_tiers(
         "" if host_slots else ", staging only",
         f"{disk.folder} ({scheduler.num_disk_entries} entries kept, up to {disk_bytes / (1 << 30):g} GiB)" if disk else "off",
     )
-    return scheduler, TierWorker(kv_caches, slots, disk, pin_memory)
+    return scheduler, TierWorker(kv_caches, slots, disk, host_buffer)

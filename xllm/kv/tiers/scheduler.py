@@ -38,6 +38,9 @@ class TierScheduler:
         self.disk_entry_bytes = disk_entry_bytes
         self.disk_limit = disk_limit
         self._transfers: list[KVTransfer] = []
+        # Slots of the entries the current lookup is loading (`available` until `load`): the device
+        # allocations in between may evict blocks, whose saves must not take these slots.
+        self._pinned: set[int] = set()
         self.hits = {"host": 0, "disk": 0}  # blocks loaded back from each tier
         self.num_corrupt = 0  # disk entries found damaged or foreign when read
         self.num_lost = 0  # disk writes dropped by the worker
@@ -71,7 +74,7 @@ class TierScheduler:
         if self._free:
             return self._free.pop()
         for h, slot in self._host.items():
-            if slot not in keep:
+            if slot not in keep and slot not in self._pinned:
                 break
         else:
             return None
@@ -123,12 +126,14 @@ class TierScheduler:
             self._free.append(slot)
 
     def available(self, hashes: list[bytes]) -> int:
-        """How many leading `hashes` the host pool can load now."""
+        """How many leading `hashes` the host pool can load now; their slots stay pinned until
+        `load` takes each (or the step's transfers are taken)."""
         n = 0
         for h in hashes:
             if h not in self._host:
                 break
             self._host.move_to_end(h)
+            self._pinned.add(self._host[h])
             n += 1
         return n
 
@@ -160,6 +165,7 @@ class TierScheduler:
 
     def load(self, block_hash: bytes, block: int) -> None:
         slot = self._host[block_hash]
+        self._pinned.discard(slot)
         self._host.move_to_end(block_hash)
         self._transfers.append(KVTransfer("load", block=block, slot=slot))
         tier = "disk" if block_hash in self._from_disk else "host"
@@ -168,6 +174,7 @@ class TierScheduler:
 
     def take_meta(self) -> KVConnectorMeta:
         transfers, self._transfers = self._transfers, []
+        self._pinned.clear()
         return KVConnectorMeta(transfers)
 
     # ---- the worker's report ----------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The worker side of the host/disk tiers: the host pool's memory, the copies, the disk I/O.
 
-It holds the host pool, `[slots, layers, 2, block_size, Hkv, D]` (page-locked on CUDA), and the
+It holds the host pool, `[slots, layers, 2, block_size, Hkv, D]` (the platform's host memory,
+page-locked on CUDA), and the
 device cache's per-layer tensors; it carries out a step's transfers in order (`execute`), hands
 disk writes and reads to `DiskStore`'s threads, and reports finished reads and lost writes
 (`take_output`). It decides nothing: which hash goes where is the scheduler side's.
@@ -9,6 +10,7 @@ disk writes and reads to `DiskStore`'s threads, and reports finished reads and l
 from __future__ import annotations
 
 import queue
+from collections.abc import Callable
 
 import torch
 
@@ -17,12 +19,15 @@ from xllm.kv.tiers.disk import DiskStore
 
 
 class TierWorker:
-    def __init__(self, kv_caches: list[torch.Tensor], num_slots: int, disk: DiskStore | None = None, pin_memory: bool = False):
+    def __init__(self, kv_caches: list[torch.Tensor], num_slots: int, disk: DiskStore | None = None,
+                 host_buffer: Callable[[tuple, torch.dtype], torch.Tensor] | None = None):
         self.kv_caches = kv_caches
         _, _, bs, hkv, d = kv_caches[0].shape
         self.block_shape = (len(kv_caches), 2, bs, hkv, d)
         self.dtype = kv_caches[0].dtype
-        self.host = torch.empty((num_slots, *self.block_shape), dtype=self.dtype, pin_memory=pin_memory)
+        shape = (num_slots, *self.block_shape)
+        # the platform's host memory (page-locked on CUDA)
+        self.host = host_buffer(shape, self.dtype) if host_buffer is not None else torch.empty(shape, dtype=self.dtype)
         self.disk = disk
         self._finished: queue.SimpleQueue[tuple[bytes, int, bool]] = queue.SimpleQueue()
         self.reads_in_flight = 0  # written by this thread only (started here, counted down in take_output)
