@@ -10,6 +10,7 @@ disk writes and reads to `DiskStore`'s threads, and reports finished reads and l
 from __future__ import annotations
 
 import queue
+import time
 from collections.abc import Callable
 
 import torch
@@ -56,7 +57,7 @@ class TierWorker:
             else:
                 raise ValueError(f"unknown KV transfer {t.kind!r}")
         if meta.wait_for_reads and self.reads_in_flight:
-            self._wait_for_read()
+            self._wait_for_reads()
 
     def _start_read(self, block_hash: bytes, slot: int) -> None:
         self.reads_in_flight += 1
@@ -67,12 +68,21 @@ class TierWorker:
 
         self.disk.read(block_hash, into, lambda ok: self._finished.put((block_hash, slot, ok)))
 
-    def _wait_for_read(self, timeout: float = 0.25) -> None:
-        """Nothing else can run: sleep until a read finishes (bounded, so aborts are still seen)."""
-        try:
-            self._finished.put(self._finished.get(timeout=timeout))
-        except queue.Empty:
-            pass
+    def _wait_for_reads(self, timeout: float = 0.25) -> None:
+        """Nothing else can run: sleep until the reads in flight have finished (bounded, so aborts
+        are still seen), so that their request is admitted in one round, not one per read."""
+        deadline = time.monotonic() + timeout
+        finished = []
+        while len(finished) < self.reads_in_flight:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                finished.append(self._finished.get(timeout=remaining))
+            except queue.Empty:
+                break
+        for item in finished:
+            self._finished.put(item)  # reported by the next `take_output`
 
     def take_output(self) -> KVConnectorOutput:
         out = KVConnectorOutput()
