@@ -8,6 +8,8 @@ from xllm.engine.engine import LLMEngine
 from xllm.sampling_params import SamplingParams
 from xllm.scheduler.output import ScheduledRequest, SchedulerOutput
 
+from random_weights import save_checkpoint
+
 transformers = pytest.importorskip("transformers")
 
 COMMON = dict(
@@ -38,15 +40,8 @@ def tiny(request, tmp_path_factory):
     cfg, cls = ARCHS[request.param]()
     torch.manual_seed(0)
     model = cls(cfg).eval()
-    if request.param == "qwen2":
-        # transformers initializes biases to zero; make them count.
-        with torch.no_grad():
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                    proj.bias.normal_(0, 0.5)
-    folder = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(folder, safe_serialization=True)
-    engine = LLMEngine(EngineConfig.create(model=str(folder), dtype="float32", num_blocks=128, block_size=4))
+    folder = save_checkpoint(model, tmp_path_factory.mktemp(request.param), 0.5 if request.param == "qwen2" else None)
+    engine = LLMEngine(EngineConfig.create(model=folder, dtype="float32", num_blocks=128, block_size=4))
     return request.param, model, engine
 
 

@@ -21,6 +21,8 @@ import torch
 from xllm import LLM, SamplingParams
 from xllm.scheduler.output import ScheduledRequest, SchedulerOutput
 
+from random_weights import save_checkpoint
+
 transformers = pytest.importorskip("transformers")
 
 DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -40,14 +42,8 @@ def checkpoint(request, tmp_path_factory):
     """(arch, folder) of a random-weight model saved as safetensors (float32)."""
     torch.manual_seed(0)
     model = ARCHS[request.param]().eval()
-    if request.param == "qwen2":  # transformers starts q/k/v biases at zero; make them count
-        with torch.no_grad():
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                    proj.bias.normal_(0, 0.3)
-    folder = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(folder, safe_serialization=True)
-    return request.param, str(folder)
+    bias_std = 0.3 if request.param == "qwen2" else None
+    return request.param, save_checkpoint(model, tmp_path_factory.mktemp(request.param), bias_std)
 
 
 def reference(folder: str, device: str, dtype=torch.float32):
