@@ -33,10 +33,6 @@ class TierWorker:
         self._finished: queue.SimpleQueue[tuple[bytes, int, bool]] = queue.SimpleQueue()
         self.reads_in_flight = 0  # written by this thread only (started here, counted down in take_output)
 
-    @property
-    def block_bytes(self) -> int:
-        return self.host[0].numel() * self.host.element_size() if len(self.host) else 0
-
     def _slot_bytes(self, slot: int) -> torch.Tensor:
         return self.host[slot].view(-1).view(torch.uint8)
 
