@@ -38,23 +38,24 @@ from xllm.models.loader import load_model
 from xllm.ops import cpu_kernels
 from xllm.ops.attention import paged_attention
 from xllm.sampling_params import SamplingParams
-from xllm.scheduler.output import SamplingContext, ScheduledRequest, SchedulerOutput
+from xllm.scheduler.output import SamplingContext
 from xllm.worker.model_runner import ModelRunner
+from xllm.worker.state import RunBatch, RunItem
 
 LAYOUTS = ("paged", "xtensor")
 
 
-def decode_step(batch: int, context: int, block_size: int, num_blocks: int, seed: int = 0) -> SchedulerOutput:
+def decode_step(batch: int, context: int, block_size: int, num_blocks: int, seed: int = 0) -> RunBatch:
     rng = random.Random(seed)
     free = list(range(num_blocks))
     rng.shuffle(free)
     per_seq = -(-context // block_size)
     sampling = SamplingContext(SamplingParams(temperature=0.0), None, [1], [], frozenset())
     items = [
-        ScheduledRequest(f"seq-{i}", [rng.randrange(1000)], context - 1, [free.pop() for _ in range(per_seq)], True, sampling)
+        RunItem(f"seq-{i}", [rng.randrange(1000)], context - 1, [free.pop() for _ in range(per_seq)], True, sampling)
         for i in range(batch)
     ]
-    return SchedulerOutput(scheduled=items)
+    return RunBatch(items)
 
 
 def time_ms(fn, repeats: int) -> float:
@@ -67,7 +68,7 @@ def time_ms(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def attention_all_layers(runner: ModelRunner, step: SchedulerOutput):
+def attention_all_layers(runner: ModelRunner, step: RunBatch):
     arch = runner.arch
     inputs = runner._bind(step, runner.layout(step), None, {})
     md = inputs.md

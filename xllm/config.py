@@ -114,11 +114,64 @@ class SchedulerConfig:
             raise ValueError("decode_first_min_running must be >= 1; the step counts >= 0")
 
 
+EXECUTOR_BACKENDS = ("uni", "mp")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Worker ranks: how many, in which processes, on which hosts."""
+
+    tensor_parallel_size: int = 1
+    # "uni": the one rank in the engine's process; "mp": a process per rank. None: uni for one
+    # rank, mp for more.
+    distributed_executor_backend: str | None = None
+    nnodes: int = 1  # hosts the ranks run on (tensor_parallel_size / nnodes ranks each)
+    node_rank: int = 0  # this host's index; 0 runs the engine, the others only their ranks
+    # host:port where the ranks meet (torch.distributed's store; the engine's control channel
+    # listens on port + 1). None on one host: 127.0.0.1 and free ports.
+    dist_init_addr: str | None = None
+    # a collective that waits longer than this fails (a backstop: the engine's watchdog sees a
+    # dead rank at once)
+    dist_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.distributed_executor_backend not in (None, *EXECUTOR_BACKENDS):
+            raise ValueError(f"distributed_executor_backend must be one of {', '.join(EXECUTOR_BACKENDS)}, "
+                             f"got {self.distributed_executor_backend!r}")
+        if self.distributed_executor_backend == "uni" and self.tensor_parallel_size > 1:
+            raise ValueError("the uni executor runs one rank; tensor_parallel_size > 1 needs worker processes (mp)")
+        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank must be in [0, nnodes), got node_rank {self.node_rank} of nnodes {self.nnodes}")
+        if self.tensor_parallel_size % self.nnodes:
+            raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} does not split over {self.nnodes} nodes")
+        if self.nnodes > 1 and not self.dist_init_addr:
+            raise ValueError("ranks on several nodes need --dist-init-addr host:port")
+        if self.dist_init_addr is not None:
+            host, _, port = self.dist_init_addr.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65535:
+                raise ValueError(f"dist_init_addr must be host:port, got {self.dist_init_addr!r}")
+        if not self.dist_timeout_s > 0:
+            raise ValueError("dist_timeout_s must be > 0")
+
+    @property
+    def backend(self) -> str:
+        if self.distributed_executor_backend is not None:
+            return self.distributed_executor_backend
+        return "mp" if self.tensor_parallel_size > 1 or self.nnodes > 1 else "uni"
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tensor_parallel_size // self.nnodes
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     # "cpu", "cuda" or "auto" (CUDA when torch sees a GPU); picks the platform (xllm/platforms/)
     device: str = "auto"
     seed: int = 0
@@ -139,7 +192,7 @@ class EngineConfig:
     @classmethod
     def create(cls, **kwargs) -> "EngineConfig":
         """Build from flat keyword arguments, each routed to the dataclass that owns it."""
-        parts = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+        parts = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "parallel": ParallelConfig}
         grouped: dict[str, dict] = {name: {} for name in parts}
         top: dict = {}
         owner = {f.name: name for name, klass in parts.items() for f in dataclasses.fields(klass)}

@@ -115,7 +115,7 @@ def test_a_request_added_between_steps_runs_in_the_next_one(engines):
     engine.add_request("What is 2+2?", SamplingParams(max_tokens=4, ignore_eos=True), "joined")
     ran = []
     execute = engine.runner.execute
-    engine.runner.execute = lambda scheduled, *args: ran.append([i.request_id for i in scheduled.scheduled]) or execute(scheduled, *args)
+    engine.runner.execute = lambda scheduled, *args: ran.append([i.request_id for i in scheduled.items]) or execute(scheduled, *args)
     try:
         engine.step()
     finally:

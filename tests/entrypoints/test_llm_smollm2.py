@@ -6,7 +6,6 @@ correct greedy choice, so comparison stops at that position. Tests report how ma
 
 import pytest
 import torch
-
 from near_tie import compare, first_near_tie
 
 from xllm import LLM, SamplingParams
@@ -128,7 +127,7 @@ def test_chunked_prefill_matches_alone(mixed_prompts, alone_outputs, hf_smollm2)
 
     def spy():
         out = original()
-        steps.append([len(s.token_ids) for s in out.scheduled])
+        steps.append([s.num_tokens for s in out.scheduled])
         return out
 
     llm.engine.scheduler.schedule = spy

@@ -7,6 +7,7 @@ import hashlib
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from worker_mirror import Mirror
 
 from xllm.config import SchedulerConfig
 from xllm.kv.block_hash import ROOT, extend_hashes, hash_block, salt_key
@@ -131,7 +132,7 @@ def request(rid, prompt, max_tokens=4, salt=None, **params):
 def run(sched, token=7):
     out = sched.schedule()
     sched.update(out, RunnerOutput({s.request_id: token for s in out.scheduled if s.sample}))
-    return {s.request_id: (s.start_pos, len(s.token_ids)) for s in out.scheduled}
+    return {s.request_id: (s.start_pos, s.num_tokens) for s in out.scheduled}
 
 
 @pytest.mark.parametrize("caching", [True, False])
@@ -207,15 +208,18 @@ class ContentCheckingRunner:
     def __init__(self, sched: Scheduler):
         self.sched = sched
         self.slots: dict[int, tuple] = {}
+        self.worker = Mirror()  # the blocks as a rank knows them: from the deltas it is sent
 
     def execute(self, out) -> RunnerOutput:
         bs = self.sched.kv.block_size
         result = RunnerOutput()
-        for item in out.scheduled:
+        for item, run in zip(out.scheduled, self.worker.items(out)):
             req = self.sched.requests[item.request_id]
             tokens = req.all_token_ids
-            for p in range(item.start_pos + len(item.token_ids)):
-                slot = item.block_ids[p // bs] * bs + p % bs
+            assert run.block_ids == self.sched.kv.block_ids(item.request_id)  # the deltas add up
+            assert run.token_ids == tokens[item.start_pos : item.start_pos + item.num_tokens]
+            for p in range(item.start_pos + item.num_tokens):
+                slot = run.block_ids[p // bs] * bs + p % bs
                 expected = (req.cache_salt, tuple(tokens[: p + 1]))
                 if p < item.start_pos:
                     assert self.slots.get(slot) == expected, f"{item.request_id} reads wrong KV at position {p}"
@@ -223,7 +227,7 @@ class ContentCheckingRunner:
                     self.slots[slot] = expected
             if item.sample:
                 result.sampled_token_ids[item.request_id] = 1 + len(tokens) % 3
-        return result
+        return self.worker.record(result)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

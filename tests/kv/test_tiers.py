@@ -362,7 +362,7 @@ def test_a_request_waits_for_its_disk_reads_in_a_state_of_its_own_while_others_r
         worker.execute(out.kv_meta)
         result = RunnerOutput({s.request_id: 7 for s in out.scheduled if s.sample}, kv_output=worker.take_output())
         sched.update(out, result)
-        return {s.request_id: (s.start_pos, len(s.token_ids)) for s in out.scheduled}
+        return {s.request_id: (s.start_pos, s.num_tokens) for s in out.scheduled}
 
     sched.add(request("a", prompt, 1))
     step()  # a computed, cached, finished

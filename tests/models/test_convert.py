@@ -5,7 +5,6 @@ import os
 
 import pytest
 import torch
-
 from samples import CONVERSATIONS, TEXTS
 
 from xllm.entrypoints.cli import main

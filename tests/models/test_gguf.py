@@ -6,14 +6,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from samples import CONVERSATIONS, TEXTS
 
 from xllm.config import ModelConfig
 from xllm.engine.tokenizer import Tokenizer
-from xllm.models.loader import ModelLoadError, load_model
+from xllm.models.loader import ModelLoadError, load_model, resolve
 from xllm.models.loader import gguf as gguf_mod
-from xllm.models.loader import resolve
 from xllm.models.loader.gguf import _unpermute_rope, open_gguf
 from xllm.models.loader.gguf_tokenizer import build_gguf_tokenizer
 

@@ -12,8 +12,8 @@ import time
 
 import pytest
 import torch
-
 from near_tie import NEAR_TIE, teacher_forced
+
 from xllm.entrypoints.cli import main
 from xllm.models.catalog import CATALOG, installed_path
 
@@ -137,3 +137,23 @@ def test_greedy_matches_transformers_token_for_token(qwen_gguf, qwen_llm, hf_qwe
     assert near_ties <= 1, "too many near ties: the comparison would prove little"
     code = ours[2].outputs[0].text
     assert "def " in code and "reverse" in code.lower()
+
+
+def test_tensor_parallel_2_equals_one_rank_and_transformers(qwen_gguf, qwen_llm, hf_qwen):
+    """TP = 2 (14 query heads and 2 KV heads: an even split, 7 + 1 per rank) in worker processes:
+    the same greedy tokens as one rank, each transformers' argmax up to a near tie."""
+    from xllm import LLM, SamplingParams
+
+    _, hf_model = hf_qwen
+    tokenizer = qwen_llm.get_tokenizer()
+    prompts = [tokenizer.encode(p) for p in RAW_PROMPTS]
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+    one = [o.outputs[0].token_ids for o in qwen_llm.generate(prompts, params)]
+    tp2 = LLM("Qwen2.5-Coder-0.5B-Instruct", dtype="float32", kv_cache_memory_gib=0.25, tensor_parallel_size=2)
+    try:
+        two = [o.outputs[0].token_ids for o in tp2.generate(prompts, params)]
+    finally:
+        tp2.shutdown()
+    for ids, a, b in zip(prompts, one, two):
+        stop, mismatch = teacher_forced(hf_model, ids, b)
+        assert mismatch is None and a[:stop] == b[:stop]

@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+from random_weights import save_checkpoint
+from tp_ranks import run_plan
 
 from xllm.config import EngineConfig
 from xllm.engine.engine import LLMEngine
 from xllm.sampling_params import SamplingParams
-from xllm.scheduler.output import ScheduledRequest, SchedulerOutput
-
-from random_weights import save_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -52,23 +51,7 @@ def hf_logits(model, tokens):
 
 def step_logits(engine, requests: dict[str, list[int]], plan: list[dict[str, int]]):
     """Run the given chunk plan (one dict of request -> new-token count per step); collect logits per request."""
-    pos = {rid: 0 for rid in requests}
-    got = {rid: [] for rid in requests}
-    for step in plan:
-        items = []
-        for rid, n in step.items():
-            assert engine.kv.allocate_slots(rid, pos[rid] + n)
-            toks = requests[rid][pos[rid] : pos[rid] + n]
-            items.append(ScheduledRequest(rid, toks, pos[rid], engine.kv.block_ids(rid), True, SamplingParams()))
-        logits = engine.runner.execute_logits(SchedulerOutput(items))
-        row = 0
-        for item in items:
-            got[item.request_id].append(logits[row : row + len(item.token_ids)])
-            row += len(item.token_ids)
-            pos[item.request_id] += len(item.token_ids)
-    for rid in requests:
-        engine.kv.free(rid)
-    return {rid: torch.cat(chunks) for rid, chunks in got.items()}
+    return run_plan(engine.runner, engine.kv, requests, plan)
 
 
 def test_engine_config_matches(tiny):

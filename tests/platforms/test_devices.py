@@ -17,11 +17,10 @@ import gc
 
 import pytest
 import torch
+from random_weights import save_checkpoint
 
 from xllm import LLM, SamplingParams
-from xllm.scheduler.output import ScheduledRequest, SchedulerOutput
-
-from random_weights import save_checkpoint
+from xllm.worker.state import RunBatch, RunItem
 
 transformers = pytest.importorskip("transformers")
 
@@ -90,8 +89,8 @@ def teacher_forced_logits(llm: LLM, tokens: list[list[int]]) -> list[torch.Tenso
     for i, seq in enumerate(tokens):
         rid = f"tf-{i}"
         assert engine.kv.allocate_slots(rid, len(seq))
-        items.append(ScheduledRequest(rid, seq, 0, engine.kv.block_ids(rid), False, None))
-    logits = engine.runner.execute_logits(SchedulerOutput(items)).float()
+        items.append(RunItem(rid, seq, 0, engine.kv.block_ids(rid), False, None))
+    logits = engine.runner.execute_logits(RunBatch(items)).float()
     for i in range(len(tokens)):
         engine.kv.free(f"tf-{i}")
     return list(logits.split([len(s) for s in tokens]))

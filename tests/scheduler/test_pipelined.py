@@ -4,6 +4,8 @@ prefix-cache filing by what a step computed."""
 
 from __future__ import annotations
 
+from worker_mirror import Mirror
+
 from xllm.config import SchedulerConfig
 from xllm.kv.manager import KVCacheManager
 from xllm.sampling_params import SamplingParams
@@ -27,21 +29,30 @@ def tokens(out, token: int) -> RunnerOutput:
 def test_next_step_decodes_a_placeholder_for_the_token_in_flight():
     s = make_scheduler()
     s.add(make_request("a", 10))
+    worker = Mirror()  # what a rank makes of the steps it is sent
     s1 = s.schedule()
+    assert s1.scheduled[0].new is not None and s1.scheduled[0].new.prompt_token_ids == list(range(1, 11))
+    worker.items(s1)
     s2 = s.schedule()  # before s1 is recorded
     (item,) = s2.scheduled
-    assert item.fill_last and item.sample and item.start_pos == 10 and item.token_ids == [0]
+    assert item.new is None and item.new_block_ids == [] and item.block_offset == 3  # 11 tokens: 3 blocks, sent
+    (run,) = worker.items(s2)  # laid out while s1 computes: its input is the token s1 samples
+    assert run.fill_last and item.sample and item.start_pos == 10 and run.token_ids == [0]
     a = s.requests["a"]
     assert a.num_computed_tokens == 11 and a.num_placeholders == 2
-    assert [r.request_id for r in s.update(s1, tokens(s1, 5))] == ["a"]
+    assert [r.request_id for r in s.update(s1, worker.record(tokens(s1, 5)))] == ["a"]
     assert a.output_token_ids == [5] and a.num_placeholders == 1
+    assert worker.states.fill("a", 10) == 5  # what fills s2's placeholder
     s3 = s.schedule()
-    assert s3.scheduled[0].start_pos == 11 and s3.scheduled[0].fill_last
-    s.update(s2, tokens(s2, 6))
-    s.update(s3, tokens(s3, 7))
+    assert s3.scheduled[0].start_pos == 11 and worker.items(s3)[0].fill_last
+    s.update(s2, worker.record(tokens(s2, 6)))
+    s.update(s3, worker.record(tokens(s3, 7)))
     assert a.output_token_ids == [5, 6, 7] and a.num_placeholders == 0 and a.num_computed_tokens == 12
     s4 = s.schedule()  # nothing in flight: an ordinary decode of the last token
-    assert not s4.scheduled[0].fill_last and s4.scheduled[0].token_ids == [7] and s4.scheduled[0].start_pos == 12
+    (run,) = worker.items(s4)
+    assert not run.fill_last and run.token_ids == [7] and s4.scheduled[0].start_pos == 12
+    assert s4.scheduled[0].block_offset == 3 and s4.scheduled[0].new_block_ids == [a_blocks := s.kv.block_ids("a")[3]]
+    assert run.block_ids == s.kv.block_ids("a") and a_blocks
 
 
 def test_no_step_is_scheduled_past_max_tokens():
@@ -93,7 +104,7 @@ def test_a_request_arriving_after_the_step_ahead_joins_it():
     s2 = s.schedule()  # a's decode, scheduled while s1 computes
     s.add(make_request("b", 20, first=50))  # arrives between the steps
     assert s.admit_more(s2)
-    assert [(i.request_id, len(i.token_ids)) for i in s2.scheduled] == [("a", 1), ("b", 15)]  # the budget left
+    assert [(i.request_id, i.num_tokens) for i in s2.scheduled] == [("a", 1), ("b", 15)]  # the budget left
     s.update(s1, tokens(s1, 5))
     s.update(s2, tokens(s2, 6))
     assert s.requests["b"].num_computed_tokens == 15 and s.requests["a"].output_token_ids == [5, 6]

@@ -31,7 +31,7 @@ def sched(policy="chunked", budget=64, blocks=200, block_size=4, max_seqs=8, **k
 def step(s: Scheduler) -> dict[str, int]:
     out = s.schedule()
     s.update(out, RunnerOutput({x.request_id: 7 for x in out.scheduled if x.sample}))
-    return {x.request_id: len(x.token_ids) for x in out.scheduled}
+    return {x.request_id: x.num_tokens for x in out.scheduled}
 
 
 def test_config_is_validated():

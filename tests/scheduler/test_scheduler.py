@@ -23,7 +23,7 @@ def step(sched: Scheduler, token: int = 7):
 
 
 def scheduled(out) -> dict[str, int]:
-    return {s.request_id: len(s.token_ids) for s in out.scheduled}
+    return {s.request_id: s.num_tokens for s in out.scheduled}
 
 
 def test_prompt_within_budget_runs_whole_then_decodes_one_token_per_step():
@@ -35,7 +35,7 @@ def test_prompt_within_budget_runs_whole_then_decodes_one_token_per_step():
     assert [r.output_token_ids for r in changed] == [[7]]
     out, _ = step(sched)
     assert scheduled(out) == {"a": 1} and out.scheduled[0].start_pos == 10
-    assert out.scheduled[0].token_ids == [7]
+    assert out.scheduled[0].num_tokens == 1 and out.scheduled[0].new is None  # the workers know it and its token
     _, changed = step(sched)
     assert changed[0].finished and changed[0].finish_reason == "length"
     assert not sched.has_unfinished() and sched.kv.num_free_blocks == 100
@@ -150,4 +150,4 @@ def test_block_ids_cover_the_scheduled_tokens():
     sched.add(make_request("a", 10))
     out, _ = step(sched)
     item = out.scheduled[0]
-    assert len(item.block_ids) * 4 >= item.start_pos + len(item.token_ids)
+    assert item.block_offset == 0 and len(item.new_block_ids) * 4 >= item.start_pos + item.num_tokens

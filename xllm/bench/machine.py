@@ -20,7 +20,6 @@ from xllm.config import dtype_name
 from xllm.models.huge_pages import thp_mode
 from xllm.sysinfo import cpu_model, cpuinfo_field
 
-
 # Instruction sets that decide torch's matmul speed per dtype (bf16 is slow without the last ones).
 FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
 

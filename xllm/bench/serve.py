@@ -27,7 +27,6 @@ import platform
 from dataclasses import dataclass
 
 from xllm.bench.results import RESULTS_DIR, command_line, raw_path, write_raw, write_summary
-
 from xllm.bench.serve_client import ServerClient, default_label, normalize_base_url
 from xllm.bench.serve_report import format_report
 from xllm.bench.serve_stats import (

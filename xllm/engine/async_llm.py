@@ -207,11 +207,14 @@ class AsyncLLM:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
         self._fail_all(EngineDeadError("the engine was shut down"))
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.shutdown)  # its worker processes
 
     @property
     def healthy(self) -> bool:
         running = self._loop is not None and self._thread is not None and self._thread.is_alive()
-        return running and self._error is None and not self._stopping
+        # a worker rank that died between steps: no step has failed yet, but none can run
+        return running and self._error is None and not self._stopping and self.engine.healthy
 
     @property
     def num_waiting(self) -> int:

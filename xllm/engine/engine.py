@@ -10,7 +10,10 @@ into one `RequestOutput`. The step pipeline (`pipeline.py`) runs steps serially 
 (the CPU work around a step in a helper thread while the step computes).
 
 Construction: the platform (`xllm/platforms/`) is picked from `EngineConfig.device`; it sets up
-its op table, loads the model onto its device, prepares the weights, sizes the KV cache.
+its op table, loads the model onto its device, prepares the weights, sizes the KV cache. The
+ranks run behind an executor (`xllm/executor/`): one in this process, or a process per rank
+(tensor parallelism), which load their shards and size their caches themselves; the engine then
+reads only the model's configuration and tokenizer.
 """
 
 from __future__ import annotations
@@ -24,16 +27,18 @@ import torch
 from xllm.config import EngineConfig, dtype_name
 from xllm.engine.output_processor import OutputProcessor
 from xllm.engine.pipeline import StepPipeline, StepTiming
+from xllm.executor.uniproc import UniProcExecutor
 from xllm.kv.fingerprint import kv_fingerprint, weights_fingerprint
 from xllm.kv.manager import KVCacheManager
 from xllm.kv.tiers import build_tiers
-from xllm.models.loader import load_model
+from xllm.models.loader import load_model, load_model_info
 from xllm.outputs import RequestOutput
 from xllm.platforms import get_platform
 from xllm.sampling_params import SamplingParams
 from xllm.scheduler.request import Request
 from xllm.scheduler.scheduler import Scheduler
 from xllm.worker.model_runner import ModelRunner
+from xllm.worker.worker import Worker
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +48,22 @@ class LLMEngine:
         self.config = config
         self.platform = get_platform(config.device)
         self.platform.check(config.cache)
-        self.platform.init(config.num_threads, config.compiled_kernels)
-        loaded = load_model(config.model, self.platform)
-        self.weights_arena = self.platform.prepare_model(loaded.model, config.packed_weights, config.huge_pages)
+        par = config.parallel
+        if par.node_rank != 0:
+            raise ValueError("node_rank > 0 runs only its ranks (xllm serve --node-rank N), not an engine")
+        self.weights_arena = None
+        if par.backend == "uni":
+            self.platform.init(config.num_threads, config.compiled_kernels)
+            loaded = load_model(config.model, self.platform)
+            self.weights_arena = self.platform.prepare_model(loaded.model, config.packed_weights, config.huge_pages)
+        else:
+            cache = config.cache
+            if cache.kv_host_memory_gib > 0 or cache.kv_disk_dir:
+                raise ValueError("the host and disk KV tiers run with one in-process rank only for now "
+                                 "(drop --kv-host-memory-gib / --kv-disk-dir, or run one rank)")
+            if config.num_threads:
+                torch.set_num_threads(config.num_threads)
+            loaded = load_model_info(config.model, self.platform)  # the ranks load the weights
         self.model_source = loaded.source
         self.model_folder = loaded.folder
         self.arch = loaded.arch
@@ -56,16 +74,22 @@ class LLMEngine:
         if max_len > limit:
             raise ValueError(f"max_model_len {max_len} exceeds the model's context length {limit}")
         self.max_model_len = max_len
-        self.runner = ModelRunner(
-            loaded.model, loaded.arch, config.cache, loaded.dtype, seed=config.seed, max_model_len=max_len,
-            max_num_seqs=config.scheduler.max_num_seqs, platform=self.platform,
-            max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
-        )
+        if par.backend == "uni":
+            runner = ModelRunner(
+                loaded.model, loaded.arch, config.cache, loaded.dtype, seed=config.seed, max_model_len=max_len,
+                max_num_seqs=config.scheduler.max_num_seqs, platform=self.platform,
+                max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+            )
+            self.executor = UniProcExecutor(Worker(runner))
+        else:
+            from xllm.executor.multiproc import MultiprocExecutor
+
+            self.executor = MultiprocExecutor(config)
         connector = self._tiers()
         self.kv = KVCacheManager(
-            self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching, connector,
-            # the helper maps the look-ahead block's pages while the step before computes
-            lookahead=config.overlap and config.cache.kv_layout == "xtensor",
+            self.executor.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching, connector,
+            # the helper maps the look-ahead block's pages while the step before computes (in-process)
+            lookahead=config.overlap and config.cache.kv_layout == "xtensor" and par.backend == "uni",
         )
         self.scheduler = Scheduler(config.scheduler, self.kv)
         eos = set(loaded.arch.eos_token_ids)
@@ -74,7 +98,20 @@ class LLMEngine:
         self.eos_token_ids = frozenset(eos)
         self._ids = itertools.count()
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler)
-        self.pipeline = StepPipeline(self.scheduler, self.kv, self.runner, self.outputs, config.overlap)
+        self.pipeline = StepPipeline(self.scheduler, self.kv, self.executor, self.outputs, config.overlap)
+
+    @property
+    def runner(self) -> ModelRunner | None:
+        """The in-process rank's model runner (None when the ranks run in worker processes)."""
+        return getattr(self.executor, "runner", None)
+
+    @property
+    def healthy(self) -> bool:
+        return self.executor.dead is None
+
+    def shutdown(self) -> None:
+        """Stop the worker processes (nothing to do for an in-process rank)."""
+        self.executor.shutdown()
 
     def _tiers(self):
         """The host and disk tiers under the prefix cache, when configured (and caching is on): the
@@ -87,6 +124,8 @@ class LLMEngine:
             block_shape = (self.arch.num_hidden_layers, 2, cache.block_size, self.arch.num_key_value_heads, self.arch.head_dim)
             fingerprint = kv_fingerprint(weights_fingerprint(self.model_folder), dtype_name(self.dtype), cache.block_size,
                                          cache.kv_layout, rank=0, block_shape=block_shape)
+        if self.runner is None:
+            return None
         scheduler_side, worker_side = build_tiers(
             self.runner.kv_caches, int(cache.kv_host_memory_gib * (1 << 30)), cache.kv_disk_dir,
             int(cache.kv_disk_gib * (1 << 30)) if cache.kv_disk_dir else 0, fingerprint, self.platform.host_buffer,
@@ -161,7 +200,6 @@ class LLMEngine:
                 params=sample_params,
                 stop_token_ids=frozenset(stop),
                 max_output_tokens=min(params.max_tokens or room, room),
-                generator=torch.Generator().manual_seed(sample_params.seed) if sample_params.seed is not None else None,
                 share_prompt_with=sample_ids[0] if i > 0 else None,
                 cache_salt=cache_salt,
                 priority=priority,

@@ -4,9 +4,10 @@ Serial (`overlap=False`): schedule, run the step, record its tokens, process its
 (the default): while step N's forward pass runs on the engine thread, the helper thread first
 processes step N-1 (detokenizes its tokens, applies stop strings, builds the outputs), then
 schedules step N+1 and lays out its inputs; a decode whose input token N is still sampling gets a
-placeholder. When N's forward pass ends, its tokens are recorded (token-level stops applied), and
-the next turn fills them into N+1's placeholders, drops N+1's items whose request ended meanwhile,
-and runs it. Outputs go to `output_sink` from the helper as soon as they are built when one is set
+placeholder. When N's forward pass ends, its tokens are recorded (token-level stops applied; the
+workers have appended them to their own copies, from which they fill N+1's placeholders), and
+the next turn drops N+1's items whose request ended meanwhile and runs it. The steps go to the
+workers through the executor (`xllm/executor/`) as values. Outputs go to `output_sink` from the helper as soon as they are built when one is set
 (the server streams them while the next step computes); otherwise `step` returns them, one turn
 later. The forward pass stays on the calling thread: the thread that runs torch's parallel
 regions must be the one that always does (AsyncLLM's note on OpenMP teams); the helper runs
@@ -21,12 +22,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from xllm.engine.output_processor import OutputProcessor
+from xllm.executor.base import Executor
 from xllm.kv.manager import KVCacheManager
 from xllm.outputs import RequestOutput
 from xllm.scheduler.output import RunnerOutput, SchedulerOutput
 from xllm.scheduler.request import Request
 from xllm.scheduler.scheduler import Scheduler
-from xllm.worker.model_runner import ModelRunner, StepInputs
 
 
 @dataclass
@@ -40,16 +41,15 @@ class StepTiming:
 
 
 class StepPipeline:
-    def __init__(self, scheduler: Scheduler, kv: KVCacheManager, runner: ModelRunner, outputs: OutputProcessor, overlap: bool):
+    def __init__(self, scheduler: Scheduler, kv: KVCacheManager, executor: Executor, outputs: OutputProcessor, overlap: bool):
         self.scheduler = scheduler
         self.kv = kv
-        self.runner = runner
+        self.executor = executor
         self.outputs = outputs
         # Overlap: a step's output processing runs in this helper thread while the next step computes.
         self._helper = ThreadPoolExecutor(1, "xllm-outputs") if overlap else None
         self._pending: tuple[SchedulerOutput, list[Request], RunnerOutput] | None = None  # recorded, not yet processed
-        self._ahead: tuple[SchedulerOutput, StepInputs | None] | None = None  # scheduled during the last forward pass
-        self._prev_result: RunnerOutput | None = None  # its tokens fill the next step's placeholders
+        self._ahead: tuple[SchedulerOutput, object] | None = None  # scheduled (and prepared) during the last forward pass
         self.arrived = False  # requests were added since the step ahead was scheduled
         self.output_sink: Callable[[list[RequestOutput]], None] | None = None
         self.timing = StepTiming()
@@ -64,7 +64,7 @@ class StepPipeline:
         started = time.perf_counter()
         if self._helper is None:
             scheduled, inputs = self._schedule()
-            result = self._run(scheduled, inputs=inputs)
+            result = self._run(scheduled, prepared=inputs)
             outputs = self._process(scheduled, self.scheduler.update(scheduled, result), result)
         else:
             outputs = self._step_overlapped()
@@ -72,32 +72,25 @@ class StepPipeline:
         self.timing.wall_s += time.perf_counter() - started
         return outputs
 
-    def _run(
-        self, scheduled: SchedulerOutput, before_forward: Callable[[], None] | None = None, inputs: StepInputs | None = None,
-        prev: RunnerOutput | None = None,
-    ) -> RunnerOutput:
-        if scheduled.is_empty:
-            result = self.runner.execute_empty(scheduled)
-            if before_forward is not None:
-                before_forward()
-            return result
-        return self.runner.execute(scheduled, before_forward, inputs, prev)
+    def _run(self, scheduled: SchedulerOutput, before_forward: Callable[[], None] | None = None, prepared=None) -> RunnerOutput:
+        return self.executor.execute(scheduled, prepared, before_forward)
 
-    def _schedule(self) -> tuple[SchedulerOutput, StepInputs | None]:
-        """Schedule the next step and lay out its inputs (in the helper thread while a step computes)."""
+    def _schedule(self) -> tuple[SchedulerOutput, object]:
+        """Schedule the next step and let the executor take it in (an in-process worker lays out
+        its inputs; in the helper thread while a step computes)."""
         started = time.perf_counter()
         scheduled = self.scheduler.schedule()
-        inputs = self.runner.layout(scheduled) if not scheduled.is_empty else None
+        prepared = self.executor.prepare(scheduled) if not scheduled.is_empty else None
         self.timing.schedule_s += time.perf_counter() - started
-        return scheduled, inputs
+        return scheduled, prepared
 
-    def _schedule_ahead(self) -> tuple[SchedulerOutput, StepInputs | None]:
-        scheduled, inputs = self._schedule()
+    def _schedule_ahead(self) -> tuple[SchedulerOutput, object]:
+        scheduled, prepared = self._schedule()
         if self.kv.lookahead:
-            self.runner.map_ahead(scheduled)  # its pages, mapped before it needs them
-        return scheduled, inputs
+            self.executor.map_ahead(prepared)  # its pages, mapped before it needs them
+        return scheduled, prepared
 
-    def _next_step(self) -> tuple[SchedulerOutput, StepInputs | None]:
+    def _next_step(self) -> tuple[SchedulerOutput, object]:
         """The step to run now: the one scheduled during the last forward pass, joined by requests
         that arrived since (within the budget it left), less the items whose request ended since
         (a stop, an abort, a timeout, a preemption by a joining request), or, when that leaves
@@ -133,7 +126,6 @@ class StepPipeline:
     def _step_overlapped(self) -> list[RequestOutput]:
         scheduled, inputs = self._next_step()
         pending, self._pending = self._pending, None
-        prev, self._prev_result = self._prev_result, None
         jobs = {}
 
         def launch():  # once this step's inputs are bound (no contention for the GIL with that)
@@ -144,7 +136,7 @@ class StepPipeline:
 
         try:
             # step N computes while the helper processes step N-1's outputs and schedules step N+1
-            result = self._run(scheduled, launch, inputs, prev)
+            result = self._run(scheduled, launch, inputs)
         finally:
             if not jobs:
                 launch()  # the step failed before its forward pass: still process N-1
@@ -152,7 +144,6 @@ class StepPipeline:
             if "ahead" in jobs:
                 self._ahead = jobs["ahead"].result()
         changed = self.scheduler.update(scheduled, result)
-        self._prev_result = result
         if scheduled.is_empty:  # nothing computed: report what this turn ended (timeouts) now
             outputs += self._process_to_sink(scheduled, changed, result)
         elif changed or result.prompt_logprobs:  # else only dropped tokens of requests already ended

@@ -86,6 +86,16 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="schedule each step, run it and process its outputs in turn, instead of scheduling the next "
                    "step and processing the last one (detokenization, stop strings, streaming) while a step computes")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log verbosity on stderr (default info)")
+    p = parser.add_argument_group("parallelism")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                   help="split the model over N ranks (worker processes; --threads is shared between a host's ranks)")
+    p.add_argument("--distributed-executor-backend", default=None, choices=["uni", "mp"],
+                   help="uni: the one rank in the engine's process; mp: a process per rank (default: uni for one rank)")
+    p.add_argument("--nnodes", type=int, default=1, help="hosts the ranks run on (default 1)")
+    p.add_argument("--node-rank", type=int, default=0,
+                   help="this host's index; 0 runs the engine and the server, the others only their ranks")
+    p.add_argument("--dist-init-addr", default=None, metavar="HOST:PORT",
+                   help="where the ranks of several hosts meet (node 0's address; its engine also listens on PORT+1)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -114,6 +124,11 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         overlap=args.overlap,
         packed_weights=args.packed_weights,
         huge_pages=args.huge_pages,
+        tensor_parallel_size=args.tensor_parallel_size,
+        distributed_executor_backend=args.distributed_executor_backend,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        dist_init_addr=args.dist_init_addr,
     )
 
 

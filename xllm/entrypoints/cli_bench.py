@@ -21,8 +21,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     """Add `bench` with its own subcommands to the `xllm` subparsers; return the `bench` parser."""
-    from xllm.bench.offline import __doc__ as offline_doc, add_offline_args
-    from xllm.bench.serve import __doc__ as serve_doc, add_serve_args
+    from xllm.bench.offline import __doc__ as offline_doc
+    from xllm.bench.offline import add_offline_args
+    from xllm.bench.serve import __doc__ as serve_doc
+    from xllm.bench.serve import add_serve_args
 
     bench = subparsers.add_parser(
         "bench",

@@ -71,6 +71,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError("--max-waiting-requests must be >= 0 and --max-request-bytes >= 1")
     start = time.monotonic()
     config = EngineConfig.create(**engine_kwargs(args))
+    if config.parallel.node_rank > 0:  # this host runs only its ranks; node 0 serves
+        from xllm.executor.multiproc import run_node
+
+        logger.info("node %d of %d: running ranks for the engine at %s", config.parallel.node_rank,
+                    config.parallel.nnodes, config.parallel.dist_init_addr)
+        return run_node(config)
     llm = AsyncLLM.from_config(config, lambda engine: args.served_model_name or default_model_name(engine.model_source))
     logger.info("loaded %s in %.1f s", llm.engine.model_source, time.monotonic() - start)
     settings = ServerSettings(

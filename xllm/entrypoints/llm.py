@@ -25,6 +25,10 @@ class LLM:
     def __init__(self, model: str | None = None, **kwargs):
         self.engine = LLMEngine(EngineConfig.create(model=model, **kwargs))
 
+    def shutdown(self) -> None:
+        """Stop the engine's worker processes now (they also stop when it is collected, or at exit)."""
+        self.engine.shutdown()
+
     def get_tokenizer(self):
         return self.engine.tokenizer
 

@@ -2,6 +2,12 @@
 
 Tokens are flat: every tensor is [T, ...] for the T new tokens of a step, whatever sequences they
 belong to; the attention layer sorts out which tokens see which (from the forward context).
+
+Tensor parallelism (`tp`, xllm/distributed/): each rank holds whole KV-head groups of every layer
+(q/k/v column-parallel, o_proj row-parallel), a share of the MLP's intermediate dimension
+(gate/up column-, down row-parallel) and a share of the vocabulary (embedding and LM head). The
+model all-reduces after o_proj, after down_proj and after the embedding; logits are gathered (or,
+for greedy rows, only each rank's best token: `greedy_tokens`).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from xllm.distributed import TensorParallel
 from xllm.layers.attention import Attention
 from xllm.layers.forward_context import get_attn_metadata
 from xllm.layers.linear import Embedding, Linear, MergedLinear
@@ -22,12 +29,17 @@ from xllm.ops import cpu_kernels
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ArchConfig, dtype: torch.dtype, qk_norm: bool):
+    def __init__(self, cfg: ArchConfig, dtype: torch.dtype, qk_norm: bool, tp: TensorParallel):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        h, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(cfg.hidden_size, {"q": h, "k": kv, "v": kv}, bias=cfg.attention_bias, dtype=dtype)
-        self.o_proj = Linear(h, cfg.hidden_size, dtype=dtype)
+        self.tp = tp
+        d = self.head_dim = cfg.head_dim
+        (q_start, self.num_heads), (kv_start, self.num_kv_heads) = tp.head_shard(cfg.num_attention_heads,
+                                                                                  cfg.num_key_value_heads)
+        h, kv = self.num_heads * d, self.num_kv_heads * d
+        sharded = tp.size > 1
+        self.qkv_proj = MergedLinear(cfg.hidden_size, {"q": h, "k": kv, "v": kv}, bias=cfg.attention_bias, dtype=dtype,
+                                     part_starts={"q": q_start * d, "k": kv_start * d, "v": kv_start * d} if sharded else None)
+        self.o_proj = Linear(h, cfg.hidden_size, dtype=dtype, cols=(q_start * d, h) if sharded else None)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale=self.head_dim**-0.5)
@@ -41,27 +53,30 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = RotaryEmbedding.apply(q, k, *rope)
-        return self.o_proj(self.attn(q, k, v))
+        return self.tp.all_reduce(self.o_proj(self.attn(q, k, v)))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ArchConfig, dtype: torch.dtype):
+    def __init__(self, cfg: ArchConfig, dtype: torch.dtype, tp: TensorParallel):
         super().__init__()
         if cfg.hidden_act != "silu":
             raise ModelLoadError(f"hidden_act {cfg.hidden_act!r} is not supported")
-        size = cfg.intermediate_size
-        self.gate_up_proj = MergedLinear(cfg.hidden_size, {"gate": size, "up": size}, dtype=dtype)
-        self.down_proj = Linear(size, cfg.hidden_size, dtype=dtype)
+        self.tp = tp
+        start, size = tp.shard(cfg.intermediate_size)
+        sharded = tp.size > 1
+        self.gate_up_proj = MergedLinear(cfg.hidden_size, {"gate": size, "up": size}, dtype=dtype,
+                                         part_starts={"gate": start, "up": start} if sharded else None)
+        self.down_proj = Linear(size, cfg.hidden_size, dtype=dtype, cols=(start, size) if sharded else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(cpu_kernels.silu_mul(self.gate_up_proj(x)))
+        return self.tp.all_reduce(self.down_proj(cpu_kernels.silu_mul(self.gate_up_proj(x))))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ArchConfig, dtype: torch.dtype, qk_norm: bool):
+    def __init__(self, cfg: ArchConfig, dtype: torch.dtype, qk_norm: bool, tp: TensorParallel):
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, dtype, qk_norm)
-        self.mlp = LlamaMLP(cfg, dtype)
+        self.self_attn = LlamaAttention(cfg, dtype, qk_norm, tp)
+        self.mlp = LlamaMLP(cfg, dtype, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -84,12 +99,14 @@ def _fusable_cache(cache: torch.Tensor | None) -> bool:
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ArchConfig, dtype: torch.dtype, qk_norm: bool):
+    def __init__(self, cfg: ArchConfig, dtype: torch.dtype, qk_norm: bool, tp: TensorParallel):
         super().__init__()
+        self.tp = tp
         scaling = dict(cfg.rope_scaling) if cfg.rope_scaling else None
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, scaling)
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, dtype, qk_norm) for _ in range(cfg.num_hidden_layers))
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
+                                      shard=tp.shard(cfg.vocab_size) if tp.size > 1 else None, tp=tp)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, dtype, qk_norm, tp) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -109,8 +126,10 @@ class LlamaModel(nn.Module):
         runs each layer in one C++ call (`cpu_kernels.decode_layer`): the same kernels as the module
         path, without the Python between them. None when the step or the model does not qualify.
         A bfloat16 model's activations stay in float32 through the layers (its weights and cache
-        stay bfloat16) and are rounded back to bfloat16 after the last one."""
-        if not cpu_kernels.decode_layer_ready(x):
+        stay bfloat16) and are rounded back to bfloat16 after the last one. Under tensor
+        parallelism each layer is two calls, split at its two all-reduces."""
+        tp = self.tp
+        if not cpu_kernels.decode_layer_ready(x) or (tp.size > 1 and not cpu_kernels.decode_layer_split_ready()):
             return None
         md = get_attn_metadata()
         if md.prefills or md.decode_slots is not None or md.decode_rows.numel() != x.shape[0] or md.decode_seq_lens is None:
@@ -122,10 +141,19 @@ class LlamaModel(nn.Module):
         dtype, residual = x.dtype, None
         x = x.float()
         for weights, attn, eps in layers:
-            x, residual = cpu_kernels.decode_layer(
-                x, residual, *weights, cos, sin, attn.kv_cache, md.decode_block_tables, md.decode_seq_lens,
-                md.slot_mapping, attn.num_heads, attn.num_kv_heads, eps, attn.scale,
+            if tp.size == 1:
+                x, residual = cpu_kernels.decode_layer(
+                    x, residual, *weights, cos, sin, attn.kv_cache, md.decode_block_tables, md.decode_seq_lens,
+                    md.slot_mapping, attn.num_heads, attn.num_kv_heads, eps, attn.scale,
+                )
+                continue
+            ln1, qkv_w, qkv_b, o_w, ln2, gate_up_w, down_w = weights
+            o, residual = cpu_kernels.decode_attn(
+                x, residual, ln1, qkv_w, qkv_b, o_w, cos, sin, attn.kv_cache, md.decode_block_tables,
+                md.decode_seq_lens, md.slot_mapping, attn.num_heads, attn.num_kv_heads, eps, attn.scale,
             )
+            x, residual = cpu_kernels.decode_mlp(tp.all_reduce(o), residual, ln2, gate_up_w, down_w, eps)
+            tp.all_reduce(x)
         return x.to(dtype), residual.to(dtype)
 
     def _decode_layer_args(self):
@@ -162,11 +190,14 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", "up"),
     }
 
-    def __init__(self, cfg: ArchConfig, dtype: torch.dtype = torch.float32):
+    def __init__(self, cfg: ArchConfig, dtype: torch.dtype = torch.float32, tp: TensorParallel | None = None):
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg, dtype, self.qk_norm)
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype)
+        self.tp = tp = tp or TensorParallel()
+        self.model = LlamaModel(cfg, dtype, self.qk_norm, tp)
+        vocab = tp.shard(cfg.vocab_size) if tp.size > 1 else None
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(
+            cfg.hidden_size, vocab[1] if vocab else cfg.vocab_size, dtype=dtype, rows=vocab)
         self.lm_head_packed: torch.Tensor | None = None
         # Norm weights are created in float32 by RMSNorm; keep them in the model dtype like HF does.
         for module in self.modules():
@@ -177,10 +208,19 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [N, hidden] -> float32 logits [N, vocab]."""
+    def compute_logits(self, hidden: torch.Tensor, gather: bool = True) -> torch.Tensor:
+        """hidden: [N, hidden] -> float32 logits [N, vocab] (this rank's share of the vocabulary
+        under tensor parallelism when not `gather`)."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return cpu_kernels.linear(hidden, weight, None, self.lm_head_packed).float()
+        logits = cpu_kernels.linear(hidden, weight, None, self.lm_head_packed).float()
+        return self.tp.gather_last(logits, self.config.vocab_size) if gather else logits
+
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The argmax token of each row, [N] long: under tensor parallelism from each rank's best
+        over its share of the vocabulary, without gathering the logits."""
+        if self.tp.size == 1:
+            return cpu_kernels.argmax(self.compute_logits(hidden))
+        return self.tp.argmax_last(self.compute_logits(hidden, gather=False), self.config.vocab_size)
 
     def prepack_weights(self) -> int:
         """oneDNN-blocked float32 copies of the projection and LM-head weights (`cpu_kernels.prepack`:
@@ -215,9 +255,17 @@ class LlamaForCausalLM(nn.Module):
             else:
                 if name not in params:
                     raise ModelLoadError(f"unexpected weight {name!r} for {type(self).__name__}")
-                if params[name].shape != tensor.shape:
+                module_name, param_name = name.rsplit(".", 1)
+                module = self.get_submodule(module_name)
+                if hasattr(module, "load_weight"):  # takes this rank's shard
+                    try:
+                        module.load_weight(param_name, tensor)
+                    except ValueError as exc:
+                        raise ModelLoadError(f"weight {name}: {exc}") from None
+                elif params[name].shape != tensor.shape:
                     raise ModelLoadError(f"weight {name}: expected {tuple(params[name].shape)}, got {tuple(tensor.shape)}")
-                params[name].data.copy_(tensor)
+                else:
+                    params[name].data.copy_(tensor)
                 loaded.add(name)
         missing = []
         for pname, _ in params.items():

@@ -262,6 +262,22 @@ def decode_layer(x: torch.Tensor, residual: torch.Tensor | None, *args) -> tuple
     return _module.decode_layer(x, residual, *args)
 
 
+def decode_layer_split_ready() -> bool:
+    """Whether the built kernels have the two halves of `decode_layer` (for tensor parallelism)."""
+    return _module is not None and hasattr(_module, "decode_attn")
+
+
+def decode_attn(x: torch.Tensor, residual: torch.Tensor | None, *args) -> tuple[torch.Tensor, torch.Tensor]:
+    """`decode_layer`'s attention half, up to o_proj: (o, residual); o is this rank's partial sum
+    under tensor parallelism (all-reduced before `decode_mlp`). Same checks as `decode_layer`."""
+    return _module.decode_attn(x, residual, *args)
+
+
+def decode_mlp(o: torch.Tensor, residual: torch.Tensor, *args) -> tuple[torch.Tensor, torch.Tensor]:
+    """`decode_layer`'s MLP half: (out, residual), out a partial sum under tensor parallelism."""
+    return _module.decode_mlp(o, residual, *args)
+
+
 def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     """Rotary embedding in place on float32 q/k views; False when the torch path must run."""
     if not (_ready(q, k, cos, sin) and q.dtype == torch.float32 and k.dtype == torch.float32):

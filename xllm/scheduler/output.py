@@ -12,7 +12,7 @@ from xllm.sampling_params import SamplingParams
 
 @dataclass
 class SamplingContext:
-    """What the sampler needs to know about one request. The lists are the request's own (live)."""
+    """What the sampler needs to know about one request (the worker's own copy of its state)."""
 
     params: SamplingParams
     generator: torch.Generator | None
@@ -22,17 +22,35 @@ class SamplingContext:
 
 
 @dataclass
-class ScheduledRequest:
+class NewRequestData:
+    """A request as the workers first learn it (once per admission: again after a preemption,
+    which drops the workers' copy). Values only: the workers build their own generator from
+    `params.seed` and advance it past the `output_token_ids` already sampled."""
+
     request_id: str
-    token_ids: list[int]  # the tokens to compute this step (a prompt chunk, or the last sampled token)
-    start_pos: int  # position of token_ids[0] in the sequence (= tokens already in the KV cache)
-    block_ids: list[int]  # the request's KV blocks, covering start_pos + len(token_ids) tokens
-    sample: bool  # True when this step reaches the end of the known tokens, so a next token is sampled
-    sampling: SamplingContext
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # sampled before a preemption (empty for a fresh request)
+    params: SamplingParams
+    stop_token_ids: frozenset[int]
+
+
+@dataclass
+class ScheduledRequest:
+    """One request's part of a step, as a value: counts, positions and the block delta.
+
+    The workers hold each request's tokens (the prompt from `new`, then every token they sample)
+    and blocks; a step says how many tokens to compute from which absolute position and which
+    blocks to add. `start_pos` is absolute, so it may move back (rejected drafts)."""
+
+    request_id: str
+    num_tokens: int  # tokens to compute this step: the known ones from start_pos, then spec_token_ids
+    start_pos: int  # absolute position of the first of them (= tokens already in the KV cache)
+    block_offset: int  # blocks the workers already hold for it; `new_block_ids` replace those after
+    new_block_ids: list[int]  # its blocks from block_offset on (covering start_pos + num_tokens)
+    sample: bool  # this step reaches the end of the known tokens: a next token is sampled
     want_prompt_logprobs: bool = False  # this chunk's prompt positions need logprobs
-    # The last of token_ids is still being sampled by the step in flight (a placeholder): the
-    # runner takes it from that step's output before this one runs.
-    fill_last: bool = False
+    new: NewRequestData | None = None  # first step after an admission: the request itself
+    spec_token_ids: list[int] = field(default_factory=list)  # drafts to verify after the known tokens
     epoch: int = 0  # the request's preemption count when scheduled: a later preemption voids the item
 
 
@@ -41,14 +59,14 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted_ids: list[str] = field(default_factory=list)
     # requests whose KV blocks were freed (finished, aborted, preempted) since the last output;
-    # the runner drops what it keeps per request before running this step
+    # the workers drop what they keep of them (state, xtensor ranges) before running this step
     freed_ids: list[str] = field(default_factory=list)
     # KV transfers of the connectors (host/disk tiers), carried out before this step's forward pass
     kv_meta: KVConnectorMeta = field(default_factory=KVConnectorMeta)
 
     @property
     def num_batched_tokens(self) -> int:
-        return sum(len(s.token_ids) for s in self.scheduled)
+        return sum(s.num_tokens for s in self.scheduled)
 
     @property
     def is_empty(self) -> bool:
@@ -74,3 +92,5 @@ class RunnerOutput:
     failed: dict[str, str] = field(default_factory=dict)
     # what the connectors' worker side finished (disk reads, lost writes)
     kv_output: KVConnectorOutput = field(default_factory=KVConnectorOutput)
+    # per-rank statistics of the step (the small channel back from every rank), by rank
+    stats: dict[int, dict] = field(default_factory=dict)

@@ -6,10 +6,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from xllm.sampling_params import SamplingParams
-from xllm.scheduler.output import SamplingContext, TokenLogprobs
+from xllm.scheduler.output import NewRequestData, TokenLogprobs
 
 
 class RequestStatus(enum.Enum):
@@ -28,7 +26,6 @@ class Request:
     stop_token_ids: frozenset[int]
     # Hard cap on generated tokens: max_tokens, clipped so prompt + output fits max_model_len.
     max_output_tokens: int
-    generator: torch.Generator | None = None
     # A sibling (sample 0 of the same n > 1 request) whose prompt KV blocks this one reuses.
     share_prompt_with: str | None = None
     # Prefix-cache isolation: requests with different salts never share KV blocks.
@@ -52,15 +49,19 @@ class Request:
     stop_reason: str | int | None = None
     error: str | None = None  # finish reason "error": what went wrong with this request alone
     num_preemptions: int = 0
-    kv_wait_since: float | None = None  # time.monotonic() it began waiting for its prefix to be read in
+    kv_wait_since: float | None = None
+    # What the workers hold of it: whether they know it (since its last admission) and how many
+    # of its blocks they were sent (the scheduler sends only what is new).
+    workers_know: bool = False
+    num_sent_blocks: int = 0  # time.monotonic() it began waiting for its prefix to be read in
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     # prompt_logprobs[i] is for prompt token i + 1 (the first prompt token has none).
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        self.sampling = SamplingContext(
-            self.params, self.generator, self.prompt_token_ids, self.output_token_ids, self.stop_token_ids
-        )
+    def new_request_data(self) -> NewRequestData:
+        """The request as a value for the workers (copies: nothing aliases the scheduler's lists)."""
+        return NewRequestData(self.request_id, list(self.prompt_token_ids), list(self.output_token_ids), self.params,
+                              self.stop_token_ids)
 
     @property
     def num_tokens(self) -> int:

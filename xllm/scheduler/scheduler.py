@@ -31,8 +31,8 @@ blocks and starts computing after it; each step files newly full blocks in the c
 Pipelining: `schedule` advances `num_computed_tokens` as it schedules, and a step that samples
 leaves a placeholder for the token it will produce. So the next step can be scheduled while this
 one computes (the engine does so in its helper thread): a request whose token is still in flight
-gets a decode whose input is that placeholder (`fill_last`; the runner fills it in from the
-step's output), and one whose steps in flight already sample its last allowed token
+gets a decode whose input is that placeholder (the workers fill it in from their own copy of
+the request, to which that step appends its token), and one whose steps in flight already sample its last allowed token
 (`max_tokens`) is not scheduled again. `update` then records the step: tokens, stops, and the
 prefix-cache blocks its computed tokens filled. An item whose request ended or was preempted
 after it was scheduled is void; the engine drops it before the step runs.
@@ -127,6 +127,7 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.num_placeholders = 0  # a step in flight still records its token (`update`)
         request.status = RequestStatus.WAITING
+        request.workers_know = False  # its blocks are freed: the workers drop their copy, it is sent again
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.append(request)
@@ -163,28 +164,35 @@ class Scheduler:
         return out
 
     def _emit(self, out: SchedulerOutput, chosen: list[tuple[Request, int]]) -> None:
-        """Append the chosen (request, token count) pairs to the step, advancing their computed
-        counts and leaving a placeholder for each token the step will sample."""
+        """Append the chosen (request, token count) pairs to the step as values, advancing their
+        computed counts and leaving a placeholder for each token the step will sample. A request
+        the workers do not know yet (new, or readmitted after a preemption) carries itself; every
+        item carries only the blocks the workers were not sent yet."""
         for request, num_new in chosen:
             start = request.num_computed_tokens
             end = start + num_new
             prompt_len = len(request.prompt_token_ids)
-            fill = end - request.num_tokens  # 1: the last input token is sampled by the step in flight
-            if fill > 1:
-                raise AssertionError(f"request {request.request_id!r}: {fill} input tokens not sampled yet")
+            if end - request.num_tokens > 1:
+                raise AssertionError(f"request {request.request_id!r}: {end - request.num_tokens} input tokens not sampled yet")
             sample = end == request.num_tokens + request.num_placeholders
+            new = None
+            if not request.workers_know:
+                new, request.workers_know, request.num_sent_blocks = request.new_request_data(), True, 0
+            blocks = self.kv.block_ids(request.request_id)
+            offset = request.num_sent_blocks
+            request.num_sent_blocks = len(blocks)
             out.scheduled.append(
                 ScheduledRequest(
                     request_id=request.request_id,
-                    token_ids=request.token_slice(start, end - max(fill, 0)) + [0] * max(fill, 0),
+                    num_tokens=num_new,
                     start_pos=start,
-                    block_ids=list(self.kv.block_ids(request.request_id)),
+                    block_offset=offset,
+                    new_block_ids=blocks[offset:],
                     sample=sample,
-                    sampling=request.sampling,
                     want_prompt_logprobs=request.params.prompt_logprobs is not None
                     and start < prompt_len - 1
                     and len(request.prompt_logprobs) < prompt_len - 1,
-                    fill_last=fill == 1,
+                    new=new,
                     epoch=request.num_preemptions,
                 )
             )
@@ -384,7 +392,7 @@ class Scheduler:
                 continue  # ended while the step ran (its item was dropped, or its token is void)
             if request.num_preemptions == item.epoch:
                 request.num_placeholders -= item.sample
-                computed = item.start_pos + len(item.token_ids)
+                computed = item.start_pos + item.num_tokens
                 if computed // bs > self.kv.num_cached_blocks(request.request_id):
                     self.kv.cache_computed(request.request_id, request.all_token_ids, computed, request.cache_salt)
             if item.request_id in result.prompt_logprobs:

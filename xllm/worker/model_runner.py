@@ -1,4 +1,4 @@
-"""The model runner: owns the model and the KV cache tensors; turns a SchedulerOutput into tokens.
+"""The model runner: owns the model and the KV cache tensors; turns a `RunBatch` into tokens.
 
 Per step it lays the scheduled tokens out flat ([T]), builds the attention metadata once (shared by
 every layer), carries out the step's KV transfers (the connectors' worker side), runs the forward
@@ -29,7 +29,8 @@ from xllm.layers.sampler import Sampler, gather_logprobs
 from xllm.models.arch_config import ArchConfig
 from xllm.ops.attention import AttentionMetadata, build_prefill
 from xllm.platforms import Platform, get_platform
-from xllm.scheduler.output import RunnerOutput, ScheduledRequest, SchedulerOutput
+from xllm.scheduler.output import RunnerOutput
+from xllm.worker.state import RunBatch, RunItem
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +52,16 @@ class StepInputs:
                           self.fill_rows)
 
 
-def kv_bytes_per_block(arch: ArchConfig, block_size: int, dtype: torch.dtype) -> int:
+def kv_bytes_per_block(arch: ArchConfig, block_size: int, dtype: torch.dtype, num_kv_heads: int | None = None) -> int:
+    """Bytes of one KV block over all layers (of `num_kv_heads`: a tensor-parallel rank's share)."""
     element = torch.empty(0, dtype=dtype).element_size()
-    return 2 * arch.num_hidden_layers * block_size * arch.num_key_value_heads * arch.head_dim * element
+    heads = arch.num_key_value_heads if num_kv_heads is None else num_kv_heads
+    return 2 * arch.num_hidden_layers * block_size * heads * arch.head_dim * element
+
+
+def _plain_greedy(params) -> bool:
+    """Greedy with nothing that needs the whole distribution (logprobs, biases, penalties, min_tokens)."""
+    return params.greedy and params.logprobs is None and not (params.logit_bias or params.min_tokens or params.has_penalties)
 
 
 class ModelRunner:
@@ -68,6 +76,7 @@ class ModelRunner:
         max_num_seqs: int = 64,
         platform: Platform | None = None,
         max_num_batched_tokens: int = 2048,
+        allocate: bool = True,
     ):
         self.model = model
         self.arch = arch
@@ -77,35 +86,49 @@ class ModelRunner:
         self.device = self.platform.device
         self.xtensor = None  # xtensor layout: the page pool (`XTensorPool` on the CPU)
         self.kv_connector = None  # the KV connectors' worker side (host/disk tiers), set by the engine
-        per_block = kv_bytes_per_block(arch, cache.block_size, dtype)
+        self.tp = getattr(model, "tp", None)  # the tensor-parallel group (arch's KV heads: this rank's share)
+        self.cache_config = cache
+        self.max_len = max_model_len or arch.max_position_embeddings
+        self.max_num_seqs = max_num_seqs
+        self.num_kv_heads = model.attention_layers()[0].num_kv_heads if model.attention_layers() else arch.num_key_value_heads
+        self.per_block = kv_bytes_per_block(arch, cache.block_size, dtype, self.num_kv_heads)
         if cache.num_blocks:
             self.num_blocks = cache.num_blocks
         else:
             budget = self.platform.kv_cache_bytes(
-                cache, self._largest_steps(max_num_batched_tokens, max_num_seqs, max_model_len or arch.max_position_embeddings)
+                cache, self._largest_steps(max_num_batched_tokens, max_num_seqs, self.max_len)
             )
-            self.num_blocks = max(1, budget // per_block)
-        if cache.kv_layout == "xtensor":
-            self.kv_caches, ranges = self._xtensor_cache(max_model_len or arch.max_position_embeddings, max_num_seqs)
-        else:
-            shape = (2, self.num_blocks, cache.block_size, arch.num_key_value_heads, arch.head_dim)
-            # Zeroed: padded decode attention reads unwritten slots with weight 0, and 0 * NaN would poison it.
-            self.kv_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(arch.num_hidden_layers)]
-            ranges = [None] * arch.num_hidden_layers
-        self.kv_ranges = ranges
-        self.bind_cache()
+            self.num_blocks = max(1, budget // self.per_block)
         self.sampler = Sampler(seed)
         self.pages_mapped_in_step = 0  # xtensor: pages mapped while binding a step's inputs
         self.pages_mapped_ahead = 0  # ...and by `map_ahead`, off the critical path
         self.execute_s = 0.0  # time in `execute` (input layout + forward + sampling), summed
         self.prepare_s = 0.0  # of which the input layout and binding done in `execute` (`layout`, `_bind`)
+        self.kv_caches: list[torch.Tensor] = []
+        if allocate:
+            self.allocate(self.num_blocks)
+
+    def allocate(self, num_blocks: int) -> None:
+        """Create the KV cache with `num_blocks` blocks (ranks of a group all take the smallest of
+        the counts they sized) and bind it to the model's attention layers."""
+        self.num_blocks = num_blocks
+        arch, cache = self.arch, self.cache_config
+        if cache.kv_layout == "xtensor":
+            self.kv_caches, ranges = self._xtensor_cache(self.max_len, self.max_num_seqs)
+        else:
+            shape = (2, self.num_blocks, cache.block_size, self.num_kv_heads, arch.head_dim)
+            # Zeroed: padded decode attention reads unwritten slots with weight 0, and 0 * NaN would poison it.
+            self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(arch.num_hidden_layers)]
+            ranges = [None] * arch.num_hidden_layers
+        self.kv_ranges = ranges
+        self.bind_cache()
         logger.info(
             "KV cache (%s, %s): %d blocks of %d tokens (%.2f GiB)",
             cache.kv_layout,
             self.device,
             self.num_blocks,
             self.block_size,
-            self.num_blocks * per_block / (1 << 30),
+            self.num_blocks * self.per_block / (1 << 30),
         )
 
     def bind_cache(self, caches: list[torch.Tensor] | None = None, ranges: list | None = None) -> None:
@@ -129,7 +152,7 @@ class ModelRunner:
             bs, arch = self.block_size, self.arch
             context = -(-max_len // bs)  # blocks of the longest sequence, shared by the long steps
             blocks = context + -(-max_tokens // bs) + -(-max_tokens // max_len)
-            shape = (2, blocks, bs, arch.num_key_value_heads, arch.head_dim)
+            shape = (2, blocks, bs, self.num_kv_heads, arch.head_dim)
             scratch = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(arch.num_hidden_layers)]
             self.bind_cache(scratch, [None] * arch.num_hidden_layers)
             long_blocks = list(range(context))
@@ -137,18 +160,18 @@ class ModelRunner:
             for start in range(0, max_tokens, max_len):
                 n = min(max_len, max_tokens - start)
                 seq_blocks = list(range(first_block, first_block + -(-n // bs)))
-                prompts.append(ScheduledRequest(f"profile-{start}", [0] * n, 0, seq_blocks, False, None))
+                prompts.append(RunItem(f"profile-{start}", [0] * n, 0, seq_blocks, False, None))
                 first_block += len(seq_blocks)
             chunk = min(max_tokens, max_len - 1)
             steps = [
                 prompts,
-                [ScheduledRequest("profile-chunk", [0] * chunk, max_len - chunk, long_blocks, False, None)],
-                [ScheduledRequest(f"profile-decode-{i}", [0], max_len - 1, long_blocks, False, None) for i in range(max_rows)],
+                [RunItem("profile-chunk", [0] * chunk, max_len - chunk, long_blocks, False, None)],
+                [RunItem(f"profile-decode-{i}", [0], max_len - 1, long_blocks, False, None) for i in range(max_rows)],
             ]
             try:
                 with torch.inference_mode():
                     for items in steps:
-                        inputs = self.layout(SchedulerOutput(items)).to(self.device)
+                        inputs = self.layout(RunBatch(items)).to(self.device)
                         with forward_context(inputs.md):
                             hidden = self.model(inputs.input_ids, inputs.positions)
                         del hidden, inputs
@@ -167,7 +190,7 @@ class ModelRunner:
         written and tiers copy blocks through it) and the ranges' views [slots, pages, block_size,
         Hkv, D] for K and V, which attention reads with no block table."""
         arch, bs = self.arch, self.block_size
-        layers, hkv, d = arch.num_hidden_layers, arch.num_key_value_heads, arch.head_dim
+        layers, hkv, d = arch.num_hidden_layers, self.num_kv_heads, arch.head_dim
         token_bytes = layers * 2 * hkv * d * torch.empty(0, dtype=self.dtype).element_size()
         page_bytes = check_page_size(bs, token_bytes)
         range_pages = -(-max_len // bs)
@@ -188,7 +211,7 @@ class ModelRunner:
         caches = [physical[:, i].transpose(0, 1) for i in range(layers)]
         return caches, [(ranges[:, :, i, 0], ranges[:, :, i, 1]) for i in range(layers)]
 
-    def map_ahead(self, scheduled: SchedulerOutput) -> None:
+    def map_ahead(self, scheduled: RunBatch) -> None:
         """xtensor: map every block the step's requests hold (the scheduler's look-ahead block
         included) into the ranges they already have, so `_bind` finds them mapped. The engine
         calls this from its helper thread for the step it has just scheduled, while the step
@@ -198,7 +221,7 @@ class ModelRunner:
         xt = self.xtensor
         if xt is None:
             return
-        for item in scheduled.scheduled:
+        for item in scheduled.items:
             have = xt.num_mapped(item.request_id)
             pages = item.block_ids[: xt.range_pages]
             if xt.has(item.request_id) and len(pages) > have:
@@ -214,7 +237,7 @@ class ModelRunner:
             for request_id in request_ids:
                 self.xtensor.release(request_id)
 
-    def layout(self, scheduled: SchedulerOutput) -> StepInputs:
+    def layout(self, scheduled: RunBatch) -> StepInputs:
         """The step's input tensors and attention metadata, on the host, built from the schedule
         alone (no change to any state, so the engine builds them in its helper thread while the
         step before computes). Placeholder tokens, xtensor ranges and the move to the device are
@@ -228,7 +251,7 @@ class ModelRunner:
         decode_rows, decode_tables, decode_lens = [], [], []
         sample_rows: list[int] = []
         fill_rows: list[tuple[int, str]] = []
-        for item in scheduled.scheduled:
+        for item in scheduled.items:
             row = len(input_ids)
             n = len(item.token_ids)
             input_ids.extend(item.token_ids)
@@ -267,12 +290,12 @@ class ModelRunner:
         return StepInputs(torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long), md,
                           sample_rows, fill_rows)
 
-    def _bind(self, scheduled: SchedulerOutput, inputs: StepInputs, prev: RunnerOutput | None,
+    def _bind(self, scheduled: RunBatch, inputs: StepInputs, fill: Callable[[str, int], int] | None,
               failed: dict[str, str]) -> StepInputs:
         """Just before the forward pass, on the engine thread: drop the freed requests' ranges, carry
         out the step's KV transfers, map the step's blocks into its requests' ranges (xtensor), fill
-        in the placeholder tokens from the previous step's output `prev`, and move the inputs to the
-        device. A request whose range cannot be mapped is dropped from the step (and laid out again
+        in the placeholder tokens (`fill(request_id, position)`: the token the step before sampled
+        there), and move the inputs to the device. A request whose range cannot be mapped is dropped from the step (and laid out again
         without it) and named in `failed`."""
         self.release(scheduled.freed_ids)
         if self.kv_connector is not None and scheduled.kv_meta:
@@ -281,7 +304,7 @@ class ModelRunner:
         if xt is not None:
             bs = self.block_size
             range_of = {}
-            for item in scheduled.scheduled:
+            for item in scheduled.items:
                 num_blocks = -(-(item.start_pos + len(item.token_ids)) // bs)
                 have = xt.num_mapped(item.request_id)
                 try:
@@ -292,41 +315,43 @@ class ModelRunner:
                     continue
                 self.pages_mapped_in_step += max(0, num_blocks - have)
             if failed:
-                scheduled.scheduled = [item for item in scheduled.scheduled if item.request_id not in failed]
+                scheduled.items = [item for item in scheduled.items if item.request_id not in failed]
                 inputs = self.layout(scheduled)
             decode_slots = []
             prefills = iter(inputs.md.prefills)
-            for item in scheduled.scheduled:
+            for item in scheduled.items:
                 if len(item.token_ids) == 1:
                     decode_slots.append(range_of[item.request_id])
                 else:
                     next(prefills).slot = range_of[item.request_id]
             inputs.md.decode_slots = torch.tensor(decode_slots, dtype=torch.long)
         if inputs.fill_rows:
-            if prev is None:
-                raise RuntimeError("a step with placeholder tokens needs the previous step's output")
-            rows, ids = zip(*inputs.fill_rows)
-            inputs.input_ids[list(rows)] = torch.tensor([prev.sampled_token_ids[i] for i in ids], dtype=torch.long)
+            if fill is None:
+                raise RuntimeError("a step with placeholder tokens needs the tokens the step before sampled")
+            rows = [row for row, _ in inputs.fill_rows]
+            inputs.input_ids[rows] = torch.tensor([fill(rid, pos) for rid, pos in ((r, int(inputs.positions[row]))
+                                                   for row, r in inputs.fill_rows)], dtype=torch.long)
         return inputs.to(self.device)
 
     def _forward(
-        self, scheduled: SchedulerOutput, before_forward: Callable[[], None] | None = None,
-        inputs: StepInputs | None = None, prev: RunnerOutput | None = None, failed: dict[str, str] | None = None,
+        self, scheduled: RunBatch, before_forward: Callable[[], None] | None = None,
+        inputs: StepInputs | None = None, fill: Callable[[str, int], int] | None = None,
+        failed: dict[str, str] | None = None,
     ) -> tuple[torch.Tensor | None, list[int]]:
         started = time.perf_counter()
         if inputs is None:
             inputs = self.layout(scheduled)
-        inputs = self._bind(scheduled, inputs, prev, {} if failed is None else failed)
+        inputs = self._bind(scheduled, inputs, fill, {} if failed is None else failed)
         self.prepare_s += time.perf_counter() - started
         if before_forward is not None:
             before_forward()
-        if not scheduled.scheduled:  # every request of the step failed
+        if not scheduled.items:  # every request of the step failed
             return None, []
         with forward_context(inputs.md):
             hidden = self.model(inputs.input_ids, inputs.positions)
         return hidden, inputs.sample_rows
 
-    def execute_empty(self, scheduled: SchedulerOutput) -> RunnerOutput:
+    def execute_empty(self, scheduled: RunBatch) -> RunnerOutput:
         """A step with nothing to compute: release freed ranges, carry out its KV transfers."""
         self.release(scheduled.freed_ids)
         if self.kv_connector is not None and scheduled.kv_meta:
@@ -340,33 +365,37 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(
-        self, scheduled: SchedulerOutput, before_forward: Callable[[], None] | None = None,
-        inputs: StepInputs | None = None, prev: RunnerOutput | None = None,
+        self, scheduled: RunBatch, before_forward: Callable[[], None] | None = None,
+        inputs: StepInputs | None = None, fill: Callable[[str, int], int] | None = None,
     ) -> RunnerOutput:
         """Run the step; `before_forward` is called once the inputs are laid out, as the forward pass
-        starts. `inputs` is the step's `layout` when built beforehand; `prev` the output of the
-        step before, whose tokens fill the placeholders."""
+        starts. `inputs` is the step's `layout` when built beforehand; `fill(request_id, position)`
+        gives the placeholder tokens (sampled by the step before)."""
         started = time.perf_counter()
         try:
-            return self._finish(self._execute(scheduled, before_forward, inputs, prev))
+            return self._finish(self._execute(scheduled, before_forward, inputs, fill))
         finally:
             self.execute_s += time.perf_counter() - started
 
-    def _execute(self, scheduled: SchedulerOutput, before_forward, inputs, prev) -> RunnerOutput:
+    def _execute(self, scheduled: RunBatch, before_forward, inputs, fill) -> RunnerOutput:
         out = RunnerOutput()
-        hidden, sample_rows = self._forward(scheduled, before_forward, inputs, prev, out.failed)
+        hidden, sample_rows = self._forward(scheduled, before_forward, inputs, fill, out.failed)
         if hidden is None:
             return out
-        sampling = [item for item in scheduled.scheduled if item.sample]
+        sampling = [item for item in scheduled.items if item.sample]
         if sampling:
-            logits = self.model.compute_logits(hidden[sample_rows])
-            tokens, logprobs = self.sampler(logits, [s.sampling for s in sampling])
+            contexts = [s.sampling for s in sampling]
+            if self.tp is not None and self.tp.size > 1 and all(_plain_greedy(c.params) for c in contexts):
+                # every rank's best token, not the gathered logits
+                tokens, logprobs = self.model.greedy_tokens(hidden[sample_rows]), [None] * len(sampling)
+            else:
+                tokens, logprobs = self.sampler(self.model.compute_logits(hidden[sample_rows]), contexts)
             for item, token, lp in zip(sampling, tokens.tolist(), logprobs):
                 out.sampled_token_ids[item.request_id] = token
                 if lp is not None:
                     out.logprobs[item.request_id] = lp
         row = 0
-        for item in scheduled.scheduled:
+        for item in scheduled.items:
             if item.want_prompt_logprobs:
                 out.prompt_logprobs[item.request_id] = self._prompt_logprobs(item, hidden[row : row + len(item.token_ids)])
             row += len(item.token_ids)
@@ -385,7 +414,7 @@ class ModelRunner:
         return item.start_pos + 1, entries
 
     @torch.inference_mode()
-    def execute_logits(self, scheduled: SchedulerOutput) -> torch.Tensor:
+    def execute_logits(self, scheduled: RunBatch) -> torch.Tensor:
         """Run the step and return float32 logits for every scheduled token: [T, vocab]."""
         hidden, _ = self._forward(scheduled)
         return self.model.compute_logits(hidden)

@@ -30,7 +30,12 @@ import xllm
 from xllm.engine.async_llm import AsyncLLM
 from xllm.entrypoints.openai import serving, serving_chat, serving_completions
 from xllm.entrypoints.openai.errors import APIError, bad_request, error_body
-from xllm.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from xllm.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 from xllm.entrypoints.openai.serving import AccessLog, ServingContext
 
 logger = logging.getLogger("xllm.server")

@@ -10,7 +10,16 @@ from xllm.entrypoints.openai.errors import bad_request
 from xllm.entrypoints.openai.logprobs import chat_logprobs
 from xllm.entrypoints.openai.protocol import ChatCompletionRequest
 from xllm.entrypoints.openai.serving import (
-    AccessLog, Job, ServingContext, check_lengths, check_model, envelope, merged, sampling_params, scheduling, sse_stream,
+    AccessLog,
+    Job,
+    ServingContext,
+    check_lengths,
+    check_model,
+    envelope,
+    merged,
+    sampling_params,
+    scheduling,
+    sse_stream,
     usage,
 )
 

@@ -16,7 +16,16 @@ from xllm.entrypoints.openai.errors import bad_request
 from xllm.entrypoints.openai.logprobs import CompletionLogprobs
 from xllm.entrypoints.openai.protocol import CompletionRequest
 from xllm.entrypoints.openai.serving import (
-    AccessLog, Job, ServingContext, check_lengths, check_model, envelope, merged, sampling_params, scheduling, sse_stream,
+    AccessLog,
+    Job,
+    ServingContext,
+    check_lengths,
+    check_model,
+    envelope,
+    merged,
+    sampling_params,
+    scheduling,
+    sse_stream,
     usage,
 )
 from xllm.outputs import RequestOutput

@@ -17,16 +17,17 @@ from xllm.models.loader.resolve import ensure_gguf_converted, resolve_model_sour
 from xllm.models.registry import get_model_class
 
 if TYPE_CHECKING:
+    from xllm.distributed import TensorParallel
     from xllm.platforms import Platform
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LoadedModel", "ModelLoadError", "load_model"]
+__all__ = ["LoadedModel", "ModelLoadError", "load_model", "load_model_info"]
 
 
 @dataclass
 class LoadedModel:
-    model: torch.nn.Module
+    model: torch.nn.Module | None  # None from `load_model_info`
     arch: ArchConfig
     tokenizer: "object | None"  # xllm.engine.tokenizer.Tokenizer, or None for a folder without one
     folder: str
@@ -34,14 +35,13 @@ class LoadedModel:
     source: str  # the GGUF file or folder the user named
 
 
-def load_model(config: ModelConfig, platform: "Platform | None" = None) -> LoadedModel:
-    """Load the model onto the platform's device (the CPU when none is given), in the dtype the
-    platform resolves from the one asked for and the checkpoint's."""
-    from xllm.engine.tokenizer import Tokenizer
+def load_model_info(config: ModelConfig, platform: "Platform | None" = None) -> LoadedModel:
+    """Everything `load_model` gives but the weights (`model` is None): the architecture, the
+    dtype, the tokenizer. What an engine whose workers load the weights needs (a GGUF is
+    converted here, once, before they start)."""
     from xllm.platforms import get_platform
 
     platform = platform or get_platform("cpu")
-    start = time.perf_counter()
     requested = parse_dtype(config.dtype)
     kind, path = resolve_model_source(config.model)
     if kind == "gguf":
@@ -52,18 +52,39 @@ def load_model(config: ModelConfig, platform: "Platform | None" = None) -> Loade
     arch = ArchConfig.from_hf(read_hf_config(folder))
     if kind == "hf":
         dtype = platform.resolve_dtype(requested, arch.torch_dtype, is_gguf=False)
-    with torch.device(platform.device):  # parameters and buffers are created on the device
-        model = get_model_class(arch.architecture)(arch, dtype)
-    model.load_weights(iter_safetensors(folder, dtype))
-    model.eval()
-    tokenizer_folder = config.tokenizer or folder
+    return LoadedModel(None, arch, _load_tokenizer(config, folder), folder, dtype, path)
+
+
+def _load_tokenizer(config: ModelConfig, folder: str):
+    from xllm.engine.tokenizer import Tokenizer
+
     try:
-        tokenizer = Tokenizer.from_folder(tokenizer_folder)
+        return Tokenizer.from_folder(config.tokenizer or folder)
     except ModelLoadError:
         if config.tokenizer:
             raise
         logger.warning("%s has no tokenizer: only token-id prompts can be used", folder)
-        tokenizer = None
+        return None
+
+
+def load_model(config: ModelConfig, platform: "Platform | None" = None, tp: "TensorParallel | None" = None) -> LoadedModel:
+    """Load the model onto the platform's device (the CPU when none is given), in the dtype the
+    platform resolves from the one asked for and the checkpoint's; under tensor parallelism
+    (`tp`), this rank's shard of it."""
+    from xllm.platforms import get_platform
+
+    platform = platform or get_platform("cpu")
+    start = time.perf_counter()
+    info = load_model_info(config, platform)
+    arch, dtype = info.arch, info.dtype
+    with torch.device(platform.device):  # parameters and buffers are created on the device
+        cls = get_model_class(arch.architecture)
+        model = cls(arch, dtype) if tp is None or tp.size == 1 else cls(arch, dtype, tp=tp)
+    model.load_weights(iter_safetensors(info.folder, dtype))
+    model.eval()
+    info.model = model
     elapsed = time.perf_counter() - start
-    logger.info("loaded %s (%s, %s, %s) in %.1f s", path, arch.architecture, dtype_name(dtype), platform.device, elapsed)
-    return LoadedModel(model, arch, tokenizer, folder, dtype, path)
+    shard = f", rank {tp.rank} of {tp.size}" if tp is not None and tp.size > 1 else ""
+    logger.info("loaded %s (%s, %s, %s%s) in %.1f s", info.source, arch.architecture, dtype_name(dtype), platform.device,
+                shard, elapsed)
+    return info

@@ -24,5 +24,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("write_kv", &xllm::write_kv, "new K/V rows [T,Hkv,D] into a layer's cache [2,NB,BS,Hkv,D] at slots [T]");
   m.def("decode_layer", &xllm::decode_layer,
         "one Llama decoder layer for a decode-only batch, the kernels chained: (out, residual)");
+  m.def("decode_attn", &xllm::decode_attn,
+        "a decode layer's attention half, up to o_proj (a partial sum under tensor parallelism): (o, residual)");
+  m.def("decode_mlp", &xllm::decode_mlp,
+        "a decode layer's MLP half, from the post-attention norm to down_proj: (out, residual)");
   m.def("has_avx2", &has_avx2);
 }

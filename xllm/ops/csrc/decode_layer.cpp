@@ -18,18 +18,19 @@
 
 namespace xllm {
 
-std::tuple<at::Tensor, at::Tensor> decode_layer(
+// The layer's attention half: (the residual add and) the input norm, q/k/v, rotary, the K/V write,
+// paged attention and o_proj. Returns (o, residual). Under tensor parallelism `o` is this rank's
+// partial sum over its heads: it is all-reduced before `decode_mlp`.
+std::tuple<at::Tensor, at::Tensor> decode_attn(
     const at::Tensor& x, const c10::optional<at::Tensor>& residual, const at::Tensor& ln1, const at::Tensor& qkv_w,
-    const c10::optional<at::Tensor>& qkv_b, const at::Tensor& o_w, const at::Tensor& ln2, const at::Tensor& gate_up_w,
-    const at::Tensor& down_w, const at::Tensor& cos, const at::Tensor& sin, at::Tensor kv_cache,
-    const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& slots, int64_t num_heads,
-    int64_t num_kv_heads, double eps, double scale) {
-  check_cpu("decode_layer", x, residual, ln1, qkv_w, qkv_b, o_w, ln2, gate_up_w, down_w, cos, sin, kv_cache,
-            block_tables, seq_lens, slots);
+    const c10::optional<at::Tensor>& qkv_b, const at::Tensor& o_w, const at::Tensor& cos, const at::Tensor& sin,
+    at::Tensor kv_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& slots,
+    int64_t num_heads, int64_t num_kv_heads, double eps, double scale) {
+  check_cpu("decode_attn", x, residual, ln1, qkv_w, qkv_b, o_w, cos, sin, kv_cache, block_tables, seq_lens, slots);
   const int64_t M = x.size(0), H = num_heads, Hkv = num_kv_heads;
   const int64_t D = qkv_w.size(0) / (H + 2 * Hkv);
-  TORCH_CHECK(x.dim() == 2 && qkv_w.size(0) == (H + 2 * Hkv) * D && o_w.size(1) == H * D, "decode_layer: shapes");
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "decode_layer: float32 activations");
+  TORCH_CHECK(x.dim() == 2 && qkv_w.size(0) == (H + 2 * Hkv) * D && o_w.size(1) == H * D, "decode_attn: shapes");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "decode_attn: float32 activations");
   at::Tensor h, res;
   if (residual.has_value() && residual->defined()) {
     std::tie(h, res) = rms_norm(x, residual, ln1, eps);
@@ -44,9 +45,30 @@ std::tuple<at::Tensor, at::Tensor> decode_layer(
   rope_(q, k, cos, sin);
   write_kv(kv_cache, k.to(kv_cache.scalar_type()), v.to(kv_cache.scalar_type()), slots);  // no copy in float32
   const at::Tensor attn = paged_decode_attention(q, kv_cache, block_tables, seq_lens, scale);
-  const at::Tensor o = gemv(attn.view({M, H * D}), o_w, c10::nullopt);
-  std::tie(h, res) = rms_norm(o, res, ln2, eps);
+  return {gemv(attn.view({M, H * D}), o_w, c10::nullopt), res};
+}
+
+// The MLP half: the residual add and post-attention norm, gate/up, silu * up, down. Returns
+// (out, residual); under tensor parallelism `out` is a partial sum, all-reduced after.
+std::tuple<at::Tensor, at::Tensor> decode_mlp(const at::Tensor& o, const at::Tensor& residual, const at::Tensor& ln2,
+                                              const at::Tensor& gate_up_w, const at::Tensor& down_w, double eps) {
+  check_cpu("decode_mlp", o, residual, ln2, gate_up_w, down_w);
+  TORCH_CHECK(o.dim() == 2 && o.scalar_type() == at::kFloat, "decode_mlp: float32 [M, hidden] activations");
+  at::Tensor h, res;
+  std::tie(h, res) = rms_norm(o, residual, ln2, eps);
   return {gemv(silu_mul(gemv(h, gate_up_w, c10::nullopt)), down_w, c10::nullopt), res};
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_layer(
+    const at::Tensor& x, const c10::optional<at::Tensor>& residual, const at::Tensor& ln1, const at::Tensor& qkv_w,
+    const c10::optional<at::Tensor>& qkv_b, const at::Tensor& o_w, const at::Tensor& ln2, const at::Tensor& gate_up_w,
+    const at::Tensor& down_w, const at::Tensor& cos, const at::Tensor& sin, at::Tensor kv_cache,
+    const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& slots, int64_t num_heads,
+    int64_t num_kv_heads, double eps, double scale) {
+  at::Tensor o, res;
+  std::tie(o, res) = decode_attn(x, residual, ln1, qkv_w, qkv_b, o_w, cos, sin, kv_cache, block_tables, seq_lens,
+                                 slots, num_heads, num_kv_heads, eps, scale);
+  return decode_mlp(o, res, ln2, gate_up_w, down_w, eps);
 }
 
 }  // namespace xllm

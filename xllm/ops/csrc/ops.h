@@ -31,4 +31,13 @@ std::tuple<at::Tensor, at::Tensor> decode_layer(
     const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& slots, int64_t num_heads,
     int64_t num_kv_heads, double eps, double scale);
 
+std::tuple<at::Tensor, at::Tensor> decode_attn(
+    const at::Tensor& x, const c10::optional<at::Tensor>& residual, const at::Tensor& ln1, const at::Tensor& qkv_w,
+    const c10::optional<at::Tensor>& qkv_b, const at::Tensor& o_w, const at::Tensor& cos, const at::Tensor& sin,
+    at::Tensor kv_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& slots,
+    int64_t num_heads, int64_t num_kv_heads, double eps, double scale);
+
+std::tuple<at::Tensor, at::Tensor> decode_mlp(const at::Tensor& o, const at::Tensor& residual, const at::Tensor& ln2,
+                                              const at::Tensor& gate_up_w, const at::Tensor& down_w, double eps);
+
 }  // namespace xllm
