@@ -50,9 +50,9 @@ def test_greedy_output_equals_one_rank_and_transformers(engine, reference, hf_sm
     name, llm = engine
     outs = llm.generate(PROMPTS, GREEDY)
     got = [o.outputs[0].token_ids for o in outs]
-    tokenizer, hf = hf_smollm2
-    for prompt, out, ref, tokens in zip(outs, got, reference[0], got):
-        stop, mismatch = teacher_forced(hf, prompt.prompt_token_ids, tokens)
+    _, hf = hf_smollm2
+    for prompt, out, ref in zip(outs, got, reference[0]):
+        stop, mismatch = teacher_forced(hf, prompt.prompt_token_ids, out)
         assert mismatch is None, f"{name}: token {mismatch} is not transformers' argmax"
         assert out[:stop] == ref[:stop], f"{name}: differs from TP = 1 before a near tie"
     scheduler, kv = llm.engine.scheduler, llm.engine.kv
@@ -75,3 +75,31 @@ def test_the_handoff_is_measured(engine):
     name, llm = engine
     h = llm.engine.executor.handoff
     assert h.steps > 0 and 0 < h.handoff_s < h.step_s and h.bytes_out > 0 and h.bytes_in > 0
+
+
+def test_a_rank_that_dies_between_steps_is_seen_at_once():
+    """The watchdog sees a rank die while nothing runs: the engine turns unhealthy, the next step
+    raises `WorkerDiedError` at once (no collective waits for the dead rank), the rest stop."""
+    import os
+    import signal
+    import time
+
+    from xllm.executor import WorkerDiedError
+
+    llm = LLM(dtype="float32", distributed_executor_backend="mp", kv_cache_memory_gib=0.1)
+    try:
+        executor = llm.engine.executor
+        assert llm.engine.healthy
+        os.kill(executor.pids[0], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while llm.engine.healthy:
+            assert time.monotonic() < deadline, "the watchdog did not see the rank die"
+            time.sleep(0.05)
+        assert "died" in executor.dead
+        started = time.monotonic()
+        with pytest.raises(WorkerDiedError, match="died"):
+            llm.generate(["Hello"], SamplingParams(max_tokens=4))
+        assert time.monotonic() - started < 5
+        assert all(not p.is_alive() for p in executor.procs)
+    finally:
+        llm.shutdown()

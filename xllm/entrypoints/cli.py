@@ -33,7 +33,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="where the model runs: cpu, cuda, or auto (default: CUDA when torch sees a GPU, else the CPU)")
     g.add_argument("--max-model-len", type=int, default=None, help="context limit in tokens (default: the model's)")
     g.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB",
-                   help="memory for the KV cache in GiB (default: 2 on the CPU; on CUDA what --gpu-memory-utilization leaves)")
+                   help="memory for the KV cache in GiB, per rank (default: 2 on the CPU; on CUDA what "
+                   "--gpu-memory-utilization leaves); a rank holds its share of the KV heads")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="FRACTION",
                    help="CUDA: the share of the GPU's memory for weights, activations and the KV cache (default 0.9)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default 16)")
