@@ -22,7 +22,7 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "List three colors:"
 
 
 def _children(pid: int) -> list[int]:
-    """Worker-rank processes started by `pid` (multiprocessing spawn children, not its resource tracker)."""
+    """Worker-rank processes started by `pid`."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -34,7 +34,7 @@ def _children(pid: int) -> list[int]:
                 cmdline = f.read()
         except OSError:
             continue
-        if ppid == pid and b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+        if ppid == pid and b"xllm.executor.worker_process" in cmdline:
             found.append(int(entry))
     return sorted(found)
 

@@ -17,7 +17,6 @@ host); on one host it is random.
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
 import pickle
 import queue
@@ -32,7 +31,7 @@ from multiprocessing.connection import Listener, wait
 
 from xllm.config import EngineConfig
 from xllm.executor.base import Executor, HandoffStats, WorkerDiedError
-from xllm.executor.worker_process import dumps, run_rank
+from xllm.executor.worker_process import dumps
 from xllm.scheduler.output import RunnerOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -56,23 +55,51 @@ def _addresses(config: EngineConfig) -> tuple[str, tuple[str, int], bytes]:
     return par.dist_init_addr, (host, int(port) + 1), authkey
 
 
-def _spawn(config: EngineConfig, dist_addr: str, control: tuple[str, int], authkey: bytes) -> list[mp.Process]:
-    """Start this node's ranks."""
+class RankProcess:
+    """A rank's process: `python -m xllm.executor.worker_process`, a fresh interpreter (it
+    imports neither the caller's main module nor its state, so a script needs no `__main__`
+    guard). `sentinel` is a pidfd: readable once the process ends (for `connection.wait`)."""
+
+    def __init__(self, rank: int, local_rank: int, per_node: int, control: tuple[str, int], authkey: bytes):
+        import subprocess
+        import sys
+
+        self.name = f"xllm-rank{rank}"
+        env = dict(os.environ, XLLM_WORKER_AUTHKEY=authkey.hex())
+        cmd = [sys.executable, "-m", "xllm.executor.worker_process", str(rank), str(local_rank), str(per_node),
+               f"{control[0]}:{control[1]}", str(os.getpid()), str(logging.getLogger("xllm").getEffectiveLevel() or 20)]
+        self._popen = subprocess.Popen(cmd, env=env)
+        self.pid = self._popen.pid
+        self.sentinel = os.pidfd_open(self.pid)
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._popen.poll()
+
+    def is_alive(self) -> bool:
+        return self._popen.poll() is None
+
+    def join(self, timeout: float | None = None) -> None:
+        import subprocess
+
+        try:
+            self._popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def terminate(self) -> None:
+        if self.is_alive():
+            self._popen.terminate()
+
+
+def _spawn(config: EngineConfig, control: tuple[str, int], authkey: bytes) -> list[RankProcess]:
+    """Start this node's ranks (they are sent the configuration once they connect)."""
     par = config.parallel
     per_node = par.ranks_per_node
-    ctx = mp.get_context("spawn")
-    procs = []
-    for local in range(per_node):
-        rank = par.node_rank * per_node + local
-        p = ctx.Process(target=run_rank, name=f"xllm-rank{rank}",
-                        args=(rank, local, per_node, config, dist_addr, control, authkey, os.getpid(),
-                              logging.getLogger("xllm").getEffectiveLevel() or logging.INFO))
-        p.start()
-        procs.append(p)
-    return procs
+    return [RankProcess(par.node_rank * per_node + local, local, per_node, control, authkey) for local in range(per_node)]
 
 
-def _kill(procs: list[mp.Process]) -> None:
+def _kill(procs: list[RankProcess]) -> None:
     for p in procs:
         if p.is_alive():
             try:
@@ -83,18 +110,24 @@ def _kill(procs: list[mp.Process]) -> None:
         p.join(timeout=5)
 
 
+def _stop(procs: list[RankProcess], closing: threading.Event) -> None:
+    closing.set()
+    _kill(procs)
+
+
 class MultiprocExecutor(Executor):
     def __init__(self, config: EngineConfig):
         par = config.parallel
         self.world_size = par.tensor_parallel_size
         self.handoff = HandoffStats()
         self._dead: str | None = None
-        self._closing = False
+        self._closing = threading.Event()  # shutdown (or exit) under way: ranks ending is expected
         self._lock = threading.Lock()
         dist_addr, control, authkey = _addresses(config)
         self._listener = Listener(control, authkey=authkey)
-        self.procs = _spawn(config, dist_addr, control, authkey)
-        self._finalizer = weakref.finalize(self, _kill, list(self.procs))
+        self._config, self._dist_addr = config, dist_addr
+        self.procs = _spawn(config, control, authkey)
+        self._finalizer = weakref.finalize(self, _stop, list(self.procs), self._closing)  # at exit at the latest
         self.pids: dict[int, int] = {}  # rank -> pid
         self.conns: list = [None] * self.world_size
         try:
@@ -142,6 +175,7 @@ class MultiprocExecutor(Executor):
                 conn.close()
                 continue
             self.conns[rank], self.pids[rank] = conn, pid
+            conn.send_bytes(dumps(("config", self._config, self._dist_addr)))
 
     def _check_procs(self) -> None:
         for p in self.procs:
@@ -194,7 +228,7 @@ class MultiprocExecutor(Executor):
                 p = sentinels.pop(r)
                 p.join(timeout=1)
                 with self._lock:
-                    if self._closing:
+                    if self._closing.is_set():
                         return
                     if self._dead is None:
                         self._dead = f"worker process {p.name} (pid {p.pid}) died (exit code {p.exitcode})"
@@ -238,8 +272,7 @@ class MultiprocExecutor(Executor):
         return out
 
     def shutdown(self) -> None:
-        with self._lock:
-            self._closing = True
+        self._closing.set()
         for conn in self.conns:
             if conn is None:
                 continue
@@ -260,7 +293,7 @@ def run_node(config: EngineConfig) -> int:
     """`xllm serve --node-rank R` (R > 0): run this host's ranks until one ends; returns its exit
     code. They connect to node 0's engine; if one dies, the others are stopped."""
     dist_addr, control, authkey = _addresses(config)
-    procs = _spawn(config, dist_addr, control, authkey)
+    procs = _spawn(config, control, authkey)
     stop = threading.Event()
 
     def on_signal(signum, frame):

@@ -1,8 +1,11 @@
 """One rank in a process of its own: connect to the engine, join the process group, load this
 rank's shard of the model, size and allocate its KV cache, then run the steps the engine sends.
 
-Every message is a pickled tuple over a `multiprocessing.connection` (TCP, with an authkey):
-  engine -> rank: ("blocks", n), ("step", SchedulerOutput), ("shutdown",)
+Started as `python -m xllm.executor.worker_process RANK LOCAL_RANK RANKS_ON_NODE HOST:PORT
+PARENT_PID LOG_LEVEL` with the authkey in $XLLM_WORKER_AUTHKEY (hex). Every message is a pickled
+tuple over a `multiprocessing.connection` (TCP, with the authkey):
+  engine -> rank: ("config", EngineConfig, process-group host:port), ("blocks", n), ("step",
+                  SchedulerOutput), ("shutdown",)
   rank -> engine: ("hello", rank, pid), ("sized", num_blocks), ("ready",), ("out", RunnerOutput),
                   ("error", traceback text)
 Rank 0 sends its whole `RunnerOutput` each step; the others only their statistics (`stats`), the
@@ -37,14 +40,19 @@ def _exit_with_parent(parent_pid: int) -> None:
             os._exit(1)
 
 
-def run_rank(rank: int, local_rank: int, ranks_on_node: int, config, dist_addr: str, control_addr: tuple[str, int],
-             authkey: bytes, parent_pid: int, log_level: int = logging.INFO) -> None:
-    """The process's main function (started by `multiprocessing`'s spawn)."""
-    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s")
+def run_rank(rank: int, local_rank: int, ranks_on_node: int, control_addr: tuple[str, int], authkey: bytes,
+             parent_pid: int, log_level: int = logging.INFO) -> None:
+    """The process's main function."""
+    xllm_logger = logging.getLogger("xllm")  # configured when xllm is imported (xllm/logger.py)
+    xllm_logger.setLevel(log_level)
+    for handler in xllm_logger.handlers:
+        handler.setFormatter(logging.Formatter(f"%(levelname)s %(asctime)s rank{rank} %(name)s: %(message)s", "%H:%M:%S"))
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True, name="xllm-parent-watch").start()
     conn = _connect(control_addr, authkey)
     conn.send_bytes(dumps(("hello", rank, os.getpid())))
     try:
+        kind, config, dist_addr = pickle.loads(conn.recv_bytes())
+        assert kind == "config", kind
         worker = _start(rank, local_rank, ranks_on_node, config, dist_addr, conn)
     except BaseException:  # noqa: BLE001 - reported to the engine, which fails its start
         conn.send_bytes(dumps(("error", traceback.format_exc())))
@@ -128,3 +136,16 @@ def _serve(worker, conn, rank: int) -> None:
         reply = out if rank == 0 else RunnerOutput(stats=out.stats)
         stats["sent_t"] = time.perf_counter()
         conn.send_bytes(dumps(("out", reply)))
+
+
+def main(argv: list[str]) -> None:
+    rank, local_rank, per_node, control, parent_pid, log_level = argv
+    host, _, port = control.rpartition(":")
+    authkey = bytes.fromhex(os.environ.pop("XLLM_WORKER_AUTHKEY"))
+    run_rank(int(rank), int(local_rank), int(per_node), (host, int(port)), authkey, int(parent_pid), int(log_level))
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])
