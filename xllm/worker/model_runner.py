@@ -43,7 +43,7 @@ class StepInputs:
     positions: torch.Tensor  # [T] long
     md: AttentionMetadata
     sample_rows: list[int]  # rows whose logits are sampled
-    fill_rows: list[tuple[int, str]]  # (row, request id) of each placeholder token
+    fill_rows: list[tuple[int, str, int]]  # (row, request id, position) of each placeholder token
 
     def to(self, device: torch.device) -> "StepInputs":
         if self.input_ids.device == device:
@@ -250,13 +250,13 @@ class ModelRunner:
         prefills = []
         decode_rows, decode_tables, decode_lens = [], [], []
         sample_rows: list[int] = []
-        fill_rows: list[tuple[int, str]] = []
+        fill_rows: list[tuple[int, str, int]] = []
         for item in scheduled.items:
             row = len(input_ids)
             n = len(item.token_ids)
             input_ids.extend(item.token_ids)
             if item.fill_last:
-                fill_rows.append((row + n - 1, item.request_id))
+                fill_rows.append((row + n - 1, item.request_id, item.start_pos + n - 1))
             pos = range(item.start_pos, item.start_pos + n)
             positions.extend(pos)
             slots.extend(item.block_ids[p // bs] * bs + p % bs for p in pos)
@@ -328,9 +328,8 @@ class ModelRunner:
         if inputs.fill_rows:
             if fill is None:
                 raise RuntimeError("a step with placeholder tokens needs the tokens the step before sampled")
-            rows = [row for row, _ in inputs.fill_rows]
-            inputs.input_ids[rows] = torch.tensor([fill(rid, pos) for rid, pos in ((r, int(inputs.positions[row]))
-                                                   for row, r in inputs.fill_rows)], dtype=torch.long)
+            rows = [row for row, _, _ in inputs.fill_rows]
+            inputs.input_ids[rows] = torch.tensor([fill(rid, pos) for _, rid, pos in inputs.fill_rows], dtype=torch.long)
         return inputs.to(self.device)
 
     def _forward(

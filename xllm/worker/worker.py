@@ -23,7 +23,6 @@ class Worker:
         self.runner = runner
         self.rank = rank
         self.states = RequestStates()
-        self.num_steps = 0
 
     def prepare(self, step: SchedulerOutput) -> Prepared:
         """Apply the step's new requests and block deltas; lay out its inputs (placeholders where
@@ -49,6 +48,5 @@ class Worker:
             batch = RunBatch(batch.items, step.freed_ids, step.kv_meta)
             out = self.runner.execute(batch, before_forward, inputs, self.states.fill)
             self.states.record(out.sampled_token_ids)
-        self.num_steps += 1
         out.stats[self.rank] = {"execute_s": time.perf_counter() - started, "requests": len(self.states)}
         return out
